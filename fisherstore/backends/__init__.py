@@ -1,0 +1,26 @@
+"""Storage backends behind one small interface (:class:`ArrayBackend`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..codecs import CodecSpec
+from .base import ArrayBackend
+
+BACKENDS = ("zarr", "tensorstore", "ram")
+
+
+def make_backend(name: str, root: str | None, *, read_only: bool, codecs: CodecSpec, **options: Any) -> ArrayBackend:
+    """Instantiate the backend called ``name`` (one of :data:`BACKENDS`)."""
+    if name == "zarr":
+        from .zarr_backend import ZarrBackend as cls
+    elif name == "tensorstore":
+        from .tensorstore_backend import TensorStoreBackend as cls
+    elif name == "ram":
+        from .ram import RamBackend as cls
+    else:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    return cls(root, read_only=read_only, codecs=codecs, **options)
+
+
+__all__ = ["ArrayBackend", "BACKENDS", "make_backend"]

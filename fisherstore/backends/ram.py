@@ -1,0 +1,60 @@
+"""In-memory backend: the baseline with the same API and no persistence."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .base import ArrayBackend, Region
+
+
+class RamBackend(ArrayBackend):
+    """Arrays are numpy arrays in a dict; nothing survives the process."""
+
+    name = "ram"
+    persistent = False
+
+    def __init__(self, root: str | None = None, **kw: Any) -> None:
+        super().__init__(root, **kw)
+        self._docs: dict[str, dict[str, Any]] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def read_json(self, key: str) -> dict[str, Any] | None:
+        doc = self._docs.get(key)
+        return copy.deepcopy(doc) if doc is not None else None
+
+    def write_json(self, key: str, doc: dict[str, Any]) -> None:
+        self._docs[key] = copy.deepcopy(doc)
+
+    def create_array(self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any]) -> None:
+        self._arrays[key] = np.zeros(tuple(shape), dtype=np.float32)
+        self._docs[key + "/zarr.json"] = {"node_type": "array", "attributes": copy.deepcopy(attributes)}
+
+    def read(self, key: str, region: Region) -> np.ndarray:
+        return self._arrays[key][region].copy()
+
+    def write(self, key: str, region: Region, data: np.ndarray) -> None:
+        self._arrays[key][region] = data
+
+    def list(self, key: str) -> list[str]:
+        prefix = key.rstrip("/") + "/" if key else ""
+        names = set()
+        for k in list(self._docs) + list(self._arrays):
+            if k.startswith(prefix):
+                head = k[len(prefix):].split("/", 1)[0]
+                if head and head != "zarr.json":
+                    names.add(head)
+        return sorted(names)
+
+    def delete(self, key: str) -> None:
+        prefix = key.rstrip("/") + "/"
+        for d in (self._docs, self._arrays):
+            for k in [k for k in d if k == key or k.startswith(prefix)]:
+                del d[k]
+
+    def nbytes(self, key: str = "") -> int:
+        prefix = key.rstrip("/") + "/" if key else ""
+        return sum(a.nbytes for k, a in self._arrays.items() if k.startswith(prefix) or k == key)

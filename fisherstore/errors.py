@@ -1,0 +1,111 @@
+"""Exceptions raised by fisherstore.
+
+Every error names the thing that is wrong (task, parameter, head, path) and says what to
+do about it. Each class also derives from the matching builtin (``KeyError``,
+``IndexError``, ``ValueError``, ...) so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "FisherStoreError",
+    "NotAFisherStoreError",
+    "FormatVersionError",
+    "ReadOnlyError",
+    "UnknownTaskError",
+    "UnknownParamError",
+    "ShapeMismatchError",
+    "InvalidGradientError",
+    "NonFiniteGradientError",
+    "HeadIndexError",
+    "PrecisionError",
+    "LayoutError",
+    "StepError",
+    "CorruptChunkError",
+]
+
+
+class FisherStoreError(Exception):
+    """Base class of every error fisherstore raises on purpose."""
+
+
+class NotAFisherStoreError(FisherStoreError, FileNotFoundError):
+    """The path does not exist, or holds something that is not a fisherstore store."""
+
+
+class FormatVersionError(FisherStoreError, RuntimeError):
+    """The store was written by a newer fisherstore than this one."""
+
+
+class ReadOnlyError(FisherStoreError, PermissionError):
+    """A write was attempted on a store opened with ``mode="r"``."""
+
+
+class _NamedKeyError(FisherStoreError, KeyError):
+    # KeyError.__str__ repr()s its argument, which turns a helpful sentence into a quoted
+    # one-liner with escaped newlines; show the sentence as written.
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownTaskError(_NamedKeyError):
+    """The task is not in the store."""
+
+
+class UnknownParamError(_NamedKeyError):
+    """The parameter is not tracked for this task."""
+
+
+class ShapeMismatchError(FisherStoreError, ValueError):
+    """A squared gradient's shape differs from the stored parameter's shape."""
+
+
+class InvalidGradientError(FisherStoreError, ValueError):
+    """A squared gradient is not a real, non-negative floating-point tensor."""
+
+
+class NonFiniteGradientError(InvalidGradientError):
+    """A squared gradient holds NaN or Inf values."""
+
+
+class HeadIndexError(FisherStoreError, IndexError):
+    """A head is out of range, or a block is not one of Q, K, V, O for this parameter."""
+
+
+class PrecisionError(FisherStoreError, ValueError):
+    """A storage precision that would silently destroy the EMA was requested."""
+
+
+class LayoutError(FisherStoreError, ValueError):
+    """A parameter layout is inconsistent with the tensor's shape or the model."""
+
+
+class StepError(FisherStoreError, RuntimeError):
+    """An EMA step was used wrongly (nested, reused after it ended, ...)."""
+
+
+class CorruptChunkError(FisherStoreError, OSError):
+    """A chunk on disk failed its checksum or could not be decoded."""
+
+
+def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
+    """Return a "did you mean" fragment for error messages ('' when nothing is close)."""
+    cands = list(candidates)
+    hits = difflib.get_close_matches(name, cands, n=n, cutoff=0.5)
+    if not hits:
+        # Substring hits catch the common case of a missing "model." prefix.
+        hits = [c for c in cands if name in c or c in name][:n]
+    return f" Did you mean: {', '.join(repr(h) for h in hits)}?" if hits else ""
+
+
+def listing(names: Iterable[str], limit: int = 8) -> str:
+    """Render a short, bounded list of names for an error message."""
+    names = sorted(names)
+    if not names:
+        return "(none)"
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = len(names) - limit
+    return shown + (f", ... ({more} more)" if more > 0 else "")

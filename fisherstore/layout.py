@@ -1,0 +1,316 @@
+"""Head geometry: which indices of a parameter belong to (head, block), and how to chunk it.
+
+Pure arithmetic, no I/O and no torch. The formulas are those of DESIGN §3:
+
+========================  ===================  ==================  ==================  ==============
+layout                    Q of head h          K (kv head kh)      V (kv head kh)      O of head h
+========================  ===================  ==================  ==================  ==============
+split Linear [out, in]    rows h·d             rows kh·d           rows kh·d           cols h·d
+fused Linear (Phi-3)      rows h·d             rows H·d + kh·d     rows (H+Hkv)·d+kh·d cols h·d
+fused Conv1D (GPT-2)      cols h·d             cols H·d + kh·d     cols (H+Hkv)·d+kh·d rows h·d (c_proj)
+interleaved (GPT-NeoX)    rows 3h·d            rows 3h·d + d       rows 3h·d + 2d      cols h·d
+========================  ===================  ==================  ==================  ==============
+
+Each range is ``d`` long, and ``kh = h // (H / H_kv)``, as Hugging Face ``repeat_kv`` maps
+query heads to key/value heads. ``d`` is the model's head dimension, which is *not* always
+``hidden // H`` (Gemma, Qwen3); callers pass it explicitly.
+
+Usage::
+
+    >>> lay = ParamLayout.attention("k", num_heads=32, num_kv_heads=8, head_dim=128)
+    >>> lay.head_index(13, "K")
+    (slice(384, 512, None), slice(None, None, None))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import HeadIndexError, LayoutError
+
+__all__ = ["BLOCKS", "KINDS", "FUSED_LAYOUTS", "ParamLayout", "chunk_shape", "iter_slabs"]
+
+BLOCKS = ("Q", "K", "V", "O")
+#: Parameter kinds. q/k/v/o/qkv carry heads; the rest are chunked by rows.
+KINDS = ("q", "k", "v", "o", "qkv", "mlp", "embedding", "norm", "bias", "other")
+#: How a fused QKV tensor orders its blocks.
+FUSED_LAYOUTS = ("block", "conv1d", "interleaved")
+
+_HEADED = {"q": ("Q",), "k": ("K",), "v": ("V",), "o": ("O",), "qkv": ("Q", "K", "V")}
+
+#: Target size of a row chunk for tensors without heads (DESIGN §3: "a few MiB").
+ROW_CHUNK_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """How one parameter tensor is laid out in heads.
+
+    Build it with :meth:`attention` for attention projections (it derives the head axis
+    from the storage convention) or directly for other kinds: ``ParamLayout("mlp")``.
+
+    Attributes:
+        kind: one of :data:`KINDS`.
+        num_heads: H, the number of query heads.
+        num_kv_heads: H_kv, the number of key/value heads (H for MHA, 1 for MQA).
+        head_dim: d, the per-head dimension.
+        head_axis: the tensor axis the heads run along.
+        fused: for ``kind="qkv"``, one of :data:`FUSED_LAYOUTS`.
+        transposed: the weight is stored ``[in, out]`` (GPT-2 Conv1D).
+    """
+
+    kind: str
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    head_axis: int | None = None
+    fused: str | None = None
+    transposed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise LayoutError(f"unknown layout kind {self.kind!r}; expected one of {KINDS}")
+        if self.kind not in _HEADED:
+            if self.num_heads is not None or self.head_axis is not None:
+                raise LayoutError(f"layout kind {self.kind!r} has no heads; drop num_heads/head_axis")
+            return
+        for field in ("num_heads", "num_kv_heads", "head_dim", "head_axis"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise LayoutError(f"{self.kind!r} layout needs a non-negative int {field}, got {value!r}")
+        if self.num_heads < 1 or self.num_kv_heads < 1 or self.head_dim < 1:
+            raise LayoutError(
+                f"{self.kind!r} layout needs num_heads, num_kv_heads and head_dim >= 1, got "
+                f"H={self.num_heads}, H_kv={self.num_kv_heads}, d={self.head_dim}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise LayoutError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}; "
+                "grouped-query attention needs H % H_kv == 0"
+            )
+        if self.kind == "qkv":
+            if self.fused not in FUSED_LAYOUTS:
+                raise LayoutError(f"fused qkv layout needs fused in {FUSED_LAYOUTS}, got {self.fused!r}")
+            if self.fused == "interleaved" and self.num_kv_heads != self.num_heads:
+                raise LayoutError(
+                    "the interleaved (GPT-NeoX) layout has one K and V per query head; "
+                    f"got H={self.num_heads}, H_kv={self.num_kv_heads}"
+                )
+        elif self.fused is not None:
+            raise LayoutError(f"only kind 'qkv' is fused; got kind {self.kind!r} with fused={self.fused!r}")
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def attention(
+        cls,
+        kind: str,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int | None = None,
+        *,
+        fused: str | None = None,
+        transposed: bool = False,
+        ndim: int = 2,
+    ) -> ParamLayout:
+        """Layout of an attention projection weight (``ndim=2``) or bias (``ndim=1``).
+
+        ``transposed=True`` means the weight is stored ``[in, out]`` like GPT-2's Conv1D;
+        ``fused="conv1d"`` implies it.
+        """
+        if kind not in _HEADED:
+            raise LayoutError(f"attention kind must be one of {tuple(_HEADED)}, got {kind!r}")
+        if fused == "conv1d":
+            transposed = True
+        if ndim == 1:
+            axis = 0
+        elif ndim == 2:
+            # Linear stores [out, in]; heads run along "out" for q/k/v and along "in" for o.
+            # Conv1D stores [in, out], which swaps both.
+            axis = 1 if (kind == "o") != transposed else 0
+        else:
+            raise LayoutError(f"attention parameters are 1-D or 2-D, got ndim={ndim}")
+        return cls(
+            kind=kind,
+            num_heads=num_heads,
+            num_kv_heads=num_heads if num_kv_heads is None else num_kv_heads,
+            head_dim=head_dim,
+            head_axis=axis,
+            fused=fused,
+            transposed=transposed,
+        )
+
+    # -- queries ------------------------------------------------------------------------
+    @property
+    def has_heads(self) -> bool:
+        """True for the attention kinds, whose tensors split into head blocks."""
+        return self.kind in _HEADED
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        """The blocks (of Q, K, V, O) this parameter holds."""
+        return _HEADED.get(self.kind, ())
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (H / H_kv)."""
+        self._require_heads()
+        return self.num_heads // self.num_kv_heads
+
+    def num_block_heads(self, block: str) -> int:
+        """How many distinct head blocks ``block`` has: H for Q and O, H_kv for K and V."""
+        block = self._check_block(block)
+        return self.num_kv_heads if block in ("K", "V") else self.num_heads
+
+    def head_extent(self) -> int:
+        """The length the head axis must have for this layout."""
+        self._require_heads()
+        H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.kind in ("q", "o"):
+            return H * d
+        if self.kind in ("k", "v"):
+            return Hkv * d
+        return (H + 2 * Hkv) * d  # qkv; interleaved has Hkv == H
+
+    def validate_shape(self, shape: Sequence[int], name: str = "parameter") -> None:
+        """Raise :class:`LayoutError` if ``shape`` cannot hold this layout."""
+        if not self.has_heads:
+            return
+        if self.head_axis >= len(shape):
+            raise LayoutError(
+                f"{name}: layout puts heads on axis {self.head_axis}, but the tensor has shape "
+                f"{tuple(shape)}"
+            )
+        want = self.head_extent()
+        if shape[self.head_axis] != want:
+            raise LayoutError(
+                f"{name}: shape {tuple(shape)} has {shape[self.head_axis]} along head axis "
+                f"{self.head_axis}, but {self.kind!r} with H={self.num_heads}, "
+                f"H_kv={self.num_kv_heads}, d={self.head_dim} needs {want}. "
+                "Check head_dim (read config.head_dim; it is not always hidden // H)."
+            )
+
+    def head_range(self, head: int, block: str) -> tuple[int, int]:
+        """Half-open range ``[start, stop)`` along :attr:`head_axis` for (head, block).
+
+        ``head`` is always a *query* head index in ``[0, H)``; K and V map it to its
+        key/value head ``head // (H / H_kv)``.
+        """
+        block = self._check_block(block)
+        H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < H:
+            raise HeadIndexError(
+                f"head {head!r} is out of range for a {self.kind!r} parameter with "
+                f"H={H} query heads; use 0 <= head < {H}"
+            )
+        kh = head // (H // Hkv)
+        if self.kind in ("q", "o"):
+            start = head * d
+        elif self.kind in ("k", "v"):
+            start = kh * d
+        elif self.fused == "interleaved":
+            start = head * 3 * d + "QKV".index(block) * d
+        else:  # block-contiguous fused, Linear or Conv1D: V starts after Q and K, not at 2·H·d
+            start = {"Q": head * d, "K": H * d + kh * d, "V": (H + Hkv) * d + kh * d}[block]
+        return start, start + d
+
+    def head_index(self, head: int, block: str, ndim: int | None = None) -> tuple[slice, ...]:
+        """Index tuple selecting (head, block), with full slices on the other axes."""
+        start, stop = self.head_range(head, block)
+        idx = [slice(None)] * max(ndim or 0, self.head_axis + 1)
+        idx[self.head_axis] = slice(start, stop)
+        return tuple(idx)
+
+    # -- (de)serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (stored in each array's attributes)."""
+        return {k: v for k, v in asdict(self).items() if v is not None and v is not False}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ParamLayout:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**d)
+
+    def __repr__(self) -> str:
+        if not self.has_heads:
+            return f"ParamLayout({self.kind!r})"
+        extra = f", fused={self.fused!r}" if self.fused else ""
+        extra += ", transposed=True" if self.transposed else ""
+        return (
+            f"ParamLayout({self.kind!r}, H={self.num_heads}, H_kv={self.num_kv_heads}, "
+            f"d={self.head_dim}, axis={self.head_axis}{extra})"
+        )
+
+    # -- helpers ------------------------------------------------------------------------
+    def _require_heads(self) -> None:
+        if not self.has_heads:
+            raise HeadIndexError(f"a {self.kind!r} parameter has no attention heads to index")
+
+    def _check_block(self, block: str) -> str:
+        self._require_heads()
+        b = block.upper() if isinstance(block, str) else block
+        if b not in BLOCKS:
+            raise HeadIndexError(f"block {block!r} is not one of Q, K, V, O")
+        if b not in self.blocks:
+            raise HeadIndexError(
+                f"block {b!r} is not in a {self.kind!r} parameter, which holds "
+                f"{'/'.join(self.blocks)}; pick the parameter that holds {b}"
+            )
+        return b
+
+
+def chunk_shape(
+    shape: Sequence[int],
+    layout: ParamLayout | None = None,
+    itemsize: int = 4,
+    target_bytes: int = ROW_CHUNK_BYTES,
+) -> tuple[int, ...]:
+    """Chunk shape for a parameter: one chunk per head block, else row chunks of ~4 MiB.
+
+    >>> chunk_shape((4096, 4096), ParamLayout.attention("o", 32, 128))
+    (4096, 128)
+    """
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        return ()
+    if layout is not None and layout.has_heads:
+        layout.validate_shape(shape)
+        chunks = list(shape)
+        chunks[layout.head_axis] = layout.head_dim
+        return tuple(max(1, c) for c in chunks)
+    row_bytes = itemsize * math.prod(shape[1:])
+    rows = max(1, target_bytes // max(1, row_bytes))
+    return (max(1, min(rows, shape[0])),) + tuple(max(1, s) for s in shape[1:])
+
+
+def split_axis(shape: Sequence[int], chunks: Sequence[int]) -> int:
+    """The axis along which ``chunks`` split ``shape`` (0 when nothing is split)."""
+    for ax, (s, c) in enumerate(zip(shape, chunks)):
+        if c < s:
+            return ax
+    return 0
+
+
+def iter_slabs(
+    shape: Sequence[int], chunks: Sequence[int], target_bytes: int = 16 << 20, itemsize: int = 4
+) -> Iterator[tuple[slice, ...]]:
+    """Chunk-aligned slabs of about ``target_bytes`` covering ``shape`` exactly once.
+
+    Streaming a tensor slab by slab bounds the I/O buffer, and keeping slabs aligned
+    to chunks means no chunk is read or written by two slabs.
+    """
+    shape = tuple(shape)
+    if not shape:
+        yield ()
+        return
+    if 0 in shape:
+        return
+    ax = split_axis(shape, chunks)
+    chunk_bytes = itemsize * math.prod(chunks)
+    per = max(1, target_bytes // max(1, chunk_bytes)) * chunks[ax]
+    for start in range(0, shape[ax], per):
+        idx = [slice(None)] * len(shape)
+        idx[ax] = slice(start, min(start + per, shape[ax]))
+        yield tuple(slice(0, shape[i]) if idx[i] == slice(None) else idx[i] for i in range(len(shape)))

@@ -1,0 +1,236 @@
+"""LazyFisher: a tensor-like view of one stored Fisher EMA that reads slices on demand.
+
+Slicing returns a float32 ``torch.Tensor`` and reads only the chunks the slice touches,
+so ``lazy[h*d:(h+1)*d, :]`` on a head-chunked array reads one chunk. ``.detach()``,
+``.to(...)``, ``.float()`` and ``.cpu()`` return lazy views too, so code written for
+tensors (TensorScope's Phase 6 casts before it slices) runs unchanged.
+
+Usage::
+
+    F = store.fisher("taskA", "model.layers.0.self_attn.q_proj.weight")
+    F.head(5, "Q")            # rows 5*d:(5+1)*d, one chunk read
+    F[640:768][:, :128]       # the same rows, then columns in memory
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .layout import ParamLayout
+
+if TYPE_CHECKING:
+    from .store import FisherStore
+
+__all__ = ["LazyFisher"]
+
+
+class LazyFisher:
+    """A lazily read Fisher tensor. Get one from :meth:`FisherStore.fisher`."""
+
+    __slots__ = ("_store", "task", "name", "bias_corrected", "_dtype", "_device")
+
+    def __init__(
+        self,
+        store: FisherStore,
+        task: str,
+        name: str,
+        *,
+        bias_corrected: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self._store = store
+        self.task = task
+        self.name = name
+        self.bias_corrected = bias_corrected
+        self._dtype = dtype
+        self._device = torch.device(device)
+
+    # -- tensor-like attributes ---------------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._store._param(self.task, self.name).shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def layout(self) -> ParamLayout | None:
+        """The parameter's head layout (None for a tensor without heads)."""
+        return self._store.layout(self.task, self.name)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return self._store._param(self.task, self.name).chunks
+
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __len__(self) -> int:
+        if not self.ndim:
+            raise TypeError("len() of a 0-d LazyFisher")
+        return self.shape[0]
+
+    # -- lazy conversions ---------------------------------------------------------------
+    def _view(self, dtype: torch.dtype | None = None, device: Any = None) -> LazyFisher:
+        return LazyFisher(
+            self._store,
+            self.task,
+            self.name,
+            bias_corrected=self.bias_corrected,
+            dtype=dtype or self._dtype,
+            device=device if device is not None else self._device,
+        )
+
+    def detach(self) -> LazyFisher:
+        """Itself: a stored Fisher has no autograd history."""
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> LazyFisher:
+        """A lazy view that casts/moves what it reads (``non_blocking`` and ``copy`` are accepted)."""
+        dtype, device = kwargs.pop("dtype", None), kwargs.pop("device", None)
+        kwargs.pop("non_blocking", None), kwargs.pop("copy", None), kwargs.pop("memory_format", None)
+        if kwargs:
+            raise TypeError(f"LazyFisher.to() got unexpected arguments {sorted(kwargs)}")
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            elif isinstance(a, (str, torch.device)):
+                device = a
+            elif isinstance(a, torch.Tensor):
+                dtype, device = a.dtype, a.device
+            else:
+                raise TypeError(f"LazyFisher.to() cannot take {a!r}")
+        return self._view(dtype, device)
+
+    def float(self) -> LazyFisher:
+        return self._view(torch.float32)
+
+    def cpu(self) -> LazyFisher:
+        return self._view(device="cpu")
+
+    def contiguous(self) -> LazyFisher:
+        return self
+
+    # -- reading ------------------------------------------------------------------------
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        region, flips, squeeze, empty = _normalize(key, tuple(self.shape), self.name)
+        if empty:
+            out = torch.zeros(empty, dtype=torch.float32)
+        else:
+            out = self._store._read_region(self.task, self.name, region, self.bias_corrected)
+            if flips:
+                out = out.flip(flips)
+            if squeeze:
+                out = out[tuple(0 if d in squeeze else slice(None) for d in range(out.ndim))]
+        return self._finish(out)
+
+    def head(self, head: int, block: str) -> torch.Tensor:
+        """The (head, block) slice, block in Q/K/V/O; reads exactly one chunk.
+
+        Raises :class:`~fisherstore.errors.HeadIndexError` for a head outside ``[0, H)``
+        or a block this parameter does not hold; it never returns an empty tensor.
+        """
+        layout = self.layout
+        if layout is None:
+            from .errors import HeadIndexError
+
+            raise HeadIndexError(
+                f"parameter {self.name!r} of task {self.task!r} has no head layout; slice it "
+                "directly, or create it with a ParamLayout"
+            )
+        return self[layout.head_index(head, block, self.ndim)]
+
+    def load(self) -> torch.Tensor:
+        """The whole tensor, read into RAM."""
+        return self[...]
+
+    def numpy(self) -> np.ndarray:
+        return self.load().numpy()
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self.load().numpy()
+        return a.astype(dtype) if dtype is not None else a
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        if self._dtype != torch.float32 or self._device.type != "cpu":
+            out = out.to(dtype=self._dtype, device=self._device)
+        return out
+
+    def __repr__(self) -> str:
+        try:
+            shape = tuple(self.shape)
+            step = self._store.step(self.task)
+        except Exception:  # a closed store still gets a readable repr
+            return f"LazyFisher(task={self.task!r}, name={self.name!r}, <store closed>)"
+        lay = f", layout={self.layout!r}" if self.layout else ""
+        extra = "" if self.bias_corrected else ", bias_corrected=False"
+        if self._dtype != torch.float32:
+            extra += f", dtype={self._dtype}"
+        return (
+            f"LazyFisher(task={self.task!r}, name={self.name!r}, shape={shape}{lay}, step={step}, "
+            f"backend={self._store.backend!r}{extra})"
+        )
+
+
+def _normalize(key: Any, shape: tuple[int, ...], name: str):
+    """Turn a basic index into (positive-step region, dims to flip, dims to squeeze, empty shape)."""
+    ndim = len(shape)
+    if not isinstance(key, tuple):
+        key = (key,)
+    n_ell = sum(k is Ellipsis for k in key)
+    if n_ell > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    if n_ell:
+        i = next(j for j, k in enumerate(key) if k is Ellipsis)
+        key = key[:i] + (slice(None),) * (ndim - len(key) + 1) + key[i + 1 :]
+    if len(key) > ndim:
+        raise IndexError(f"too many indices for {name!r}: it is {ndim}-D (shape {shape}) but {len(key)} were given")
+    key = key + (slice(None),) * (ndim - len(key))
+    region, flips, squeeze, out_shape = [], [], [], []
+    for dim, (k, n) in enumerate(zip(key, shape)):
+        if isinstance(k, torch.Tensor) and k.ndim == 0 and not k.is_floating_point() and k.dtype != torch.bool:
+            k = int(k)
+        if isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_)):
+            i = int(k)
+            if not -n <= i < n:
+                raise IndexError(f"index {i} is out of range for dimension {dim} of {name!r}, which has size {n}")
+            i %= n
+            region.append(slice(i, i + 1, 1))
+            squeeze.append(dim)
+        elif isinstance(k, slice):
+            start, stop, step = k.indices(n)  # raises ValueError for step 0
+            r = range(start, stop, step)
+            out_shape.append(len(r))
+            if not len(r):
+                region.append(slice(0, 0, 1))
+            elif step > 0:
+                region.append(slice(r[0], r[-1] + 1, step))
+            else:
+                region.append(slice(r[-1], r[0] + 1, -step))
+                flips.append(dim)
+        else:
+            raise TypeError(
+                f"LazyFisher indices must be ints, slices or '...', got {type(k).__name__}; "
+                "call .load() first for advanced indexing"
+            )
+    empty = tuple(out_shape) if 0 in out_shape else None
+    return tuple(region), flips, squeeze, empty

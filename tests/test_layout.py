@@ -1,0 +1,191 @@
+"""Head geometry: research/tensorscope.md §6 cases 1-13 and 25, tiling, chunking."""
+
+import itertools
+
+import pytest
+import torch
+
+from fisherstore import HeadIndexError, LayoutError, ParamLayout
+from fisherstore.layout import chunk_shape, iter_slabs
+
+A = ParamLayout.attention
+
+
+def rows(lay, h, b):
+    s = lay.head_index(h, b, 2)
+    assert lay.head_axis == 0 and s[1] == slice(None)
+    return s[0].start, s[0].stop
+
+
+def cols(lay, h, b):
+    s = lay.head_index(h, b, 2)
+    assert lay.head_axis == 1 and s[0] == slice(None)
+    return s[1].start, s[1].stop
+
+
+def test_case01_llama2_q_head5():
+    assert rows(A("q", 32, 128), 5, "Q") == (640, 768)
+    t = torch.zeros(4096, 4096)
+    assert t[A("q", 32, 128).head_index(5, "Q", 2)].shape == (128, 4096)
+
+
+def test_case02_llama2_o_head5_is_columns():
+    lay = A("o", 32, 128)
+    assert cols(lay, 5, "O") == (640, 768)
+    assert torch.zeros(4096, 4096)[lay.head_index(5, "O", 2)].shape == (4096, 128)
+
+
+def test_case03_04_mistral_gqa():
+    k = A("k", 32, 128, num_kv_heads=8)
+    v = A("v", 32, 128, num_kv_heads=8)
+    assert rows(k, 13, "K") == (384, 512)
+    assert rows(v, 31, "V") == (896, 1024)
+    assert {rows(k, h, "K") for h in (12, 13, 14, 15)} == {(384, 512)}
+    assert rows(k, 16, "K") == (512, 640)
+
+
+def test_case05_qwen25_gqa():
+    assert rows(A("k", 28, 128, num_kv_heads=4), 13, "K") == (128, 256)
+
+
+def test_case06_llama2_70b():
+    assert rows(A("k", 64, 128, num_kv_heads=8), 63, "K") == (896, 1024)
+
+
+def test_case07_mqa():
+    k = A("k", 16, 64, num_kv_heads=1)
+    assert {rows(k, h, "K") for h in range(16)} == {(0, 64)}
+
+
+def test_case08_gpt2_conv1d_c_attn():
+    lay = A("qkv", 12, 64, fused="conv1d")
+    assert lay.transposed and lay.head_axis == 1
+    assert cols(lay, 3, "Q") == (192, 256)
+    assert cols(lay, 3, "K") == (960, 1024)
+    assert cols(lay, 3, "V") == (1728, 1792)
+    assert torch.zeros(768, 2304)[lay.head_index(3, "V", 2)].shape == (768, 64)
+
+
+def test_case09_gpt2_c_proj_is_rows():
+    lay = A("o", 12, 64, transposed=True)
+    assert rows(lay, 3, "O") == (192, 256)  # upstream takes columns
+
+
+def test_case10_linear_fused():
+    lay = A("qkv", 32, 128, fused="block")
+    assert rows(lay, 2, "K") == (4352, 4480)
+    assert rows(lay, 2, "V") == (8448, 8576)
+
+
+def test_case11_fused_gqa_v_offset():
+    lay = A("qkv", 40, 128, num_kv_heads=10, fused="block")
+    lay.validate_shape((7680, 5120))
+    assert rows(lay, 13, "V") == (6784, 6912)  # upstream: 10624:10752, an empty slice
+
+
+def test_case12_pythia_interleaved():
+    lay = A("qkv", 12, 64, fused="interleaved")
+    assert rows(lay, 2, "Q") == (384, 448)
+    assert rows(lay, 2, "K") == (448, 512)
+    assert rows(lay, 2, "V") == (512, 576)
+
+
+def test_case13_gemma_head_dim():
+    q, o = A("q", 16, 256), A("o", 16, 256)
+    q.validate_shape((4096, 3072))
+    assert rows(q, 15, "Q") == (3840, 4096)
+    assert cols(o, 15, "O") == (3840, 4096)
+    with pytest.raises(LayoutError, match="head_dim"):
+        A("q", 16, 192).validate_shape((4096, 3072))
+
+
+def test_case25_biases():
+    qb = A("q", 28, 128, num_kv_heads=4, ndim=1)
+    assert qb.head_index(5, "Q", 1) == (slice(640, 768),)
+    gpt2_bias = A("qkv", 12, 64, fused="conv1d", ndim=1)
+    assert gpt2_bias.head_axis == 0 and gpt2_bias.head_range(3, "K") == (960, 1024)
+    with pytest.raises(HeadIndexError):
+        ParamLayout("bias").head_range(0, "O")  # o_proj.bias has no heads
+
+
+LAYOUTS = [
+    (A("q", 8, 4), (32, 10)),
+    (A("k", 8, 4, num_kv_heads=2), (8, 10)),
+    (A("v", 8, 4, num_kv_heads=1), (4, 10)),
+    (A("o", 8, 4), (10, 32)),
+    (A("o", 8, 4, transposed=True), (32, 10)),
+    (A("qkv", 8, 4, num_kv_heads=2, fused="block"), (48, 10)),
+    (A("qkv", 4, 4, fused="conv1d"), (10, 48)),
+    (A("qkv", 4, 4, fused="interleaved"), (48, 10)),
+    (A("q", 8, 4, ndim=1), (32,)),
+]
+
+
+@pytest.mark.parametrize("lay,shape", LAYOUTS, ids=lambda x: repr(x) if isinstance(x, ParamLayout) else None)
+def test_head_blocks_tile_the_tensor_exactly_once(lay, shape):
+    lay.validate_shape(shape)
+    cover = torch.zeros(shape, dtype=torch.int64)
+    group = lay.group_size
+    for b in lay.blocks:
+        # K/V blocks are shared by a group of query heads: count each kv head once.
+        heads = range(0, lay.num_heads, group) if b in "KV" else range(lay.num_heads)
+        for h in heads:
+            idx = lay.head_index(h, b, len(shape))
+            assert cover[idx].numel() == cover.numel() // (cover.shape[lay.head_axis] // lay.head_dim)
+            cover[idx] += 1
+    assert bool((cover == 1).all())
+
+
+@pytest.mark.parametrize("lay,shape", LAYOUTS, ids=lambda x: repr(x) if isinstance(x, ParamLayout) else None)
+def test_one_chunk_per_head_block(lay, shape):
+    ch = chunk_shape(shape, lay)
+    for b in lay.blocks:
+        for h in range(lay.num_heads):
+            s = lay.head_index(h, b, len(shape))[lay.head_axis]
+            assert s.start % ch[lay.head_axis] == 0 and s.stop - s.start == ch[lay.head_axis]
+
+
+def test_chunk_shapes_llama7b():
+    assert chunk_shape((4096, 4096), A("q", 32, 128)) == (128, 4096)  # 2 MiB
+    assert chunk_shape((4096, 4096), A("o", 32, 128)) == (4096, 128)
+    mlp = chunk_shape((11008, 4096), ParamLayout("mlp"))
+    assert 2 << 20 <= mlp[0] * 4096 * 4 <= 4 << 20 and mlp[1] == 4096
+    assert chunk_shape((4096,), ParamLayout("norm")) == (4096,)
+    assert chunk_shape((3, 5), None) == (3, 5)
+
+
+@pytest.mark.parametrize("shape,chunks", [((100, 7), (8, 7)), ((7, 100), (7, 8)), ((5,), (2,)), ((), ())])
+def test_slabs_cover_shape_once_and_align_to_chunks(shape, chunks):
+    cover = torch.zeros(shape, dtype=torch.int64)
+    for region in iter_slabs(shape, chunks, target_bytes=3 * 4 * max(1, torch.Size(chunks).numel())):
+        cover[region] += 1
+        for s, c, n in zip(region, chunks, shape):
+            assert s.start % c == 0 and (s.stop % c == 0 or s.stop == n)
+    assert bool((cover == 1).all())
+
+
+def test_bad_heads_and_blocks_raise_index_errors():
+    lay = A("q", 32, 128)
+    for bad in (32, -1, 100):
+        with pytest.raises(HeadIndexError, match=rf"head {bad}") as ei:
+            lay.head_range(bad, "Q")
+        assert isinstance(ei.value, IndexError)
+    with pytest.raises(HeadIndexError, match="'X' is not one of Q, K, V, O"):
+        lay.head_range(0, "X")
+    with pytest.raises(HeadIndexError, match="holds Q"):
+        lay.head_range(0, "K")
+    assert lay.head_range(0, "q") == (0, 128)  # block names are case-insensitive
+
+
+def test_layout_validation_and_roundtrip():
+    with pytest.raises(LayoutError, match="multiple"):
+        A("k", 32, 128, num_kv_heads=5)
+    with pytest.raises(LayoutError, match="interleaved"):
+        A("qkv", 8, 4, num_kv_heads=2, fused="interleaved")
+    with pytest.raises(LayoutError, match="unknown layout kind"):
+        ParamLayout("attention")
+    for lay, _ in LAYOUTS + [(ParamLayout("mlp"), None)]:
+        assert ParamLayout.from_dict(lay.to_dict()) == lay
+    assert "H_kv=2" in repr(A("k", 8, 4, num_kv_heads=2))
+    for h, b in itertools.product(range(8), "Q"):
+        assert A("q", 8, 4).head_range(h, b) == (4 * h, 4 * h + 4)
