@@ -100,8 +100,10 @@ class CodecSpec:
             return data
         from numcodecs import BitRound
 
-        flat = np.ascontiguousarray(data, dtype=np.float32)
-        return BitRound(keepbits=self.lossy_keepbits).encode(flat).reshape(data.shape)
+        # BitRound works in place on a copy and hands back the bits as an int32 view:
+        # reinterpret them (a cast would turn bit patterns into numbers).
+        bits = BitRound(keepbits=self.lossy_keepbits).encode(np.array(data, dtype=np.float32, order="C"))
+        return np.asarray(bits).view(np.float32).reshape(data.shape)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -51,6 +51,7 @@ from .errors import (
     CorruptChunkError,
     FisherStoreError,
     LayoutError,
+    NotAFisherStoreError,
     ReadOnlyError,
     ShapeMismatchError,
     StepError,
@@ -219,7 +220,7 @@ class FisherStore:
     def _refuse_foreign_dir(self) -> None:
         root = self._backend.root
         if root and os.path.isdir(root) and any(not n.startswith(".") for n in os.listdir(root)):
-            raise FisherStoreError(
+            raise NotAFisherStoreError(
                 f"{root!r} is a non-empty directory that is not a fisherstore store; refusing to "
                 "create a store inside it. Pick an empty or new directory."
             )
@@ -269,7 +270,7 @@ class FisherStore:
                 if self._is_ours(f"{tkey}/zarr.json", TASK_ATTR):
                     be.delete(tkey)
                 continue
-            known_params = {p.key: p for p in task.params.values()}
+            known_params = {p.key.rsplit("/", 1)[-1]: p for p in task.params.values()}
             for pkey in be.list(tkey):
                 p = known_params.get(pkey)
                 if p is None:
