@@ -1,0 +1,1 @@
+"""fisherstore benchmarks: run as ``python -m benchmarks.<name> --help``."""
