@@ -106,7 +106,9 @@ def open(  # noqa: A001 - the natural name, as zarr.open and h5py.File
         raise
 
 
+from .collector import FisherCollector  # noqa: E402
 from .lazy import LazyFisher  # noqa: E402
+from .models import layouts_from_model  # noqa: E402
 from .store import FisherStore, StepWriter  # noqa: E402
 
 __all__ = [
@@ -117,6 +119,8 @@ __all__ = [
     "LazyFisher",
     "ParamLayout",
     "CodecSpec",
+    "FisherCollector",
+    "layouts_from_model",
     "FisherStoreError",
     "NotAFisherStoreError",
     "FormatVersionError",

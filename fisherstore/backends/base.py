@@ -78,8 +78,8 @@ class ArrayBackend(abc.ABC):
         """Whether the store root holds anything."""
         return self.read_json("zarr.json") is not None
 
-    def nbytes(self, key: str = "") -> int:
-        """Bytes stored under ``key`` (0 for backends without a disk)."""
+    def nbytes(self, key: str = "", chunks_only: bool = False) -> int:
+        """Bytes stored under ``key`` (only chunk data with ``chunks_only``; 0 without a disk)."""
         return 0
 
     def sync(self) -> None:  # noqa: B027 - a no-op is right for non-persistent backends

@@ -123,9 +123,11 @@ class LocalFSBackend(ArrayBackend):
         self._forget(key)
         shutil.rmtree(self._path(key), ignore_errors=False, onerror=_ignore_missing)
 
-    def nbytes(self, key: str = "") -> int:
+    def nbytes(self, key: str = "", chunks_only: bool = False) -> int:
         total = 0
         for dirpath, _, files in os.walk(self._path(key)):
+            if chunks_only and f"{os.sep}c{os.sep}" not in dirpath + os.sep:
+                continue
             for f in files:
                 try:
                     total += os.lstat(os.path.join(dirpath, f)).st_size

@@ -55,6 +55,6 @@ class RamBackend(ArrayBackend):
             for k in [k for k in d if k == key or k.startswith(prefix)]:
                 del d[k]
 
-    def nbytes(self, key: str = "") -> int:
+    def nbytes(self, key: str = "", chunks_only: bool = False) -> int:
         prefix = key.rstrip("/") + "/" if key else ""
         return sum(a.nbytes for k, a in self._arrays.items() if k.startswith(prefix) or k == key)

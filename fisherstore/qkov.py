@@ -1,0 +1,273 @@
+"""QK-OV interference ("Phase 6") on full, lazily read Fisher tensors.
+
+For samples i (task A) and j (task B), layer ℓ, head h and block B ∈ {Q, K, V, O}:
+
+    M^B_{ij,ℓ,h} = Σ_{k ∈ slice(ℓ,h,B)} C_{i,k} / (max(Î_k, ε) + λ) · |g_{j,k}|
+
+with ``λ = ridge``, or ``max(ridge, ridge_rel · median(Î_slice))`` when ``ridge_rel > 0``.
+The slice is one head block, so with a head-chunked store each score reads one chunk.
+
+Slicing follows DESIGN §3 and differs from TensorScope's ``QKOVIndexer`` where that one is
+wrong: GPT-2's Conv1D ``c_proj`` (O) is sliced by **rows** (upstream: columns); a fused
+GQA V block starts at ``(H + H_kv)·d`` (upstream: ``2·H·d``, an empty slice); ``head_dim``
+comes from the model config (upstream: ``hidden // H``); GPT-NeoX's interleaved
+``query_key_value`` is supported (upstream: not found, scored 0).
+
+Usage::
+
+    idx = QKOVIndexer.from_model(model)
+    qk = QKOVInterference(idx)
+    score, diag = qk.block_head_score(C_i, g_j, fisher, layer=3, head=5, block="Q")
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import HeadIndexError, UnknownParamError, close_matches
+from .layout import BLOCKS, ParamLayout
+from .lazy import LazyFisher
+from .models import layer_index, layouts_from_model
+
+__all__ = ["BlockHeadSlice", "QKOVIndexer", "QKOVInterference"]
+
+Tensorish = torch.Tensor | LazyFisher
+
+
+@dataclass(frozen=True)
+class BlockHeadSlice:
+    """Which part of which parameter tensor holds (layer, head, block)."""
+
+    param_name: str
+    rows: slice
+    cols: slice
+    layer: int
+    head: int
+    block: str
+
+    def apply(self, t: Tensorish) -> torch.Tensor:
+        """``t[rows, cols]`` as one index, so a LazyFisher reads only the block's chunk."""
+        return t[self.rows, self.cols]
+
+
+class QKOVIndexer:
+    """Maps (layer, block) to the parameter holding it, and (layer, head, block) to its slice."""
+
+    def __init__(self, layouts: Mapping[str, ParamLayout]) -> None:
+        self.layouts = dict(layouts)
+        self._names: dict[tuple[int, str], str] = {}
+        for name, lay in self.layouts.items():
+            if not lay.has_heads or name.endswith("bias"):
+                continue
+            layer = layer_index(name)
+            if layer is None:
+                continue
+            for b in lay.blocks:
+                self._names[(layer, b)] = name
+        if not self._names:
+            raise UnknownParamError("no attention projection weights found in the layouts; nothing to index")
+        self.layers = sorted({layer for layer, _ in self._names})
+        self.num_heads = max(self.layouts[n].num_heads for n in self._names.values())
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> QKOVIndexer:
+        """Index a model's attention projections (see :func:`fisherstore.layouts_from_model`)."""
+        return cls(layouts_from_model(model))
+
+    @classmethod
+    def from_layouts(cls, layouts: Mapping[str, ParamLayout]) -> QKOVIndexer:
+        """Index explicit layouts, e.g. ``{n: store.layout(task, n) for n in store.params(task)}``."""
+        return cls(layouts)
+
+    @classmethod
+    def from_store(cls, store: Any, task: str) -> QKOVIndexer:
+        """Index the layouts recorded in a store (no model needed)."""
+        return cls({n: store.layout(task, n) for n in store.params(task) if store.layout(task, n) is not None})
+
+    def param_name(self, layer: int, block: str) -> str:
+        """The weight holding ``block`` (Q, K, V or O) of ``layer``."""
+        b = block.upper() if isinstance(block, str) else block
+        if b not in BLOCKS:
+            raise HeadIndexError(f"block {block!r} is not one of Q, K, V, O")
+        try:
+            return self._names[(layer, b)]
+        except KeyError:
+            raise HeadIndexError(
+                f"no {b} projection for layer {layer!r}; indexed layers are {self.layers[0]}..{self.layers[-1]}"
+            ) from None
+
+    def block_slice(self, layer: int, head: int, block: str) -> BlockHeadSlice:
+        """The slice of (layer, head, block); raises ``HeadIndexError`` for a bad head."""
+        name = self.param_name(layer, block)
+        lay = self.layouts[name]
+        idx = lay.head_index(head, block, 2)
+        return BlockHeadSlice(name, idx[0], idx[1], layer, head, block.upper())
+
+    def __repr__(self) -> str:
+        return f"QKOVIndexer(layers={len(self.layers)}, heads={self.num_heads}, params={len(set(self._names.values()))})"
+
+
+class _BlockCache:
+    """LRU cache of decoded Fisher blocks, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._d: OrderedDict[Any, torch.Tensor] = OrderedDict()
+
+    def get(self, key: Any, load: Any) -> torch.Tensor:
+        if key in self._d:
+            self.hits += 1
+            self._d.move_to_end(key)
+            return self._d[key]
+        self.misses += 1
+        v = load()
+        nb = v.numel() * v.element_size()
+        if nb <= self.max_bytes:
+            self._d[key] = v
+            self.bytes += nb
+            while self.bytes > self.max_bytes:
+                _, old = self._d.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+        return v
+
+
+class QKOVInterference:
+    """Fisher-normalised QK-OV interference scores.
+
+    Args:
+        indexer: a :class:`QKOVIndexer`.
+        eps: floor ε on the Fisher.
+        ridge: λ added to the floored Fisher.
+        ridge_rel: if > 0, λ = max(ridge, ridge_rel · median of the block's Fisher).
+        cache_bytes: bound of the LRU cache of decoded Fisher blocks.
+    """
+
+    def __init__(self, indexer: QKOVIndexer, eps: float = 1e-10, ridge: float = 1e-8, ridge_rel: float = 0.0,
+                 cache_bytes: int = 256 << 20) -> None:
+        self.indexer = indexer
+        self.eps, self.ridge, self.ridge_rel = eps, ridge, ridge_rel
+        self.cache = _BlockCache(cache_bytes)
+
+    def fisher_block(self, fisher: Tensorish, sl: BlockHeadSlice) -> torch.Tensor:
+        """One Fisher block as fp32, through the cache when it comes from a store."""
+        if isinstance(fisher, LazyFisher):
+            key = (id(fisher._store), fisher.task, fisher.name, fisher.bias_corrected,
+                   fisher._store.step(fisher.task), sl.rows.start, sl.rows.stop, sl.cols.start, sl.cols.stop)
+            return self.cache.get(key, lambda: sl.apply(fisher).float())
+        return sl.apply(fisher.detach().to(dtype=torch.float32, device="cpu"))
+
+    def _denominator(self, block: torch.Tensor, eps: float, ridge: float, ridge_rel: float) -> tuple[torch.Tensor, float]:
+        lam = ridge
+        if ridge_rel > 0:
+            lam = max(ridge, ridge_rel * float(block.median()))
+        return block.clamp_min(eps) + lam, lam
+
+    def block_head_score(self, contrib: Tensorish, grad: Tensorish, fisher: Tensorish, layer: int, head: int,
+                         block: str, eps: float | None = None, ridge: float | None = None,
+                         ridge_rel: float | None = None) -> tuple[float, dict[str, float]]:
+        """Score of one (layer, head, block) for one contribution C and one gradient g.
+
+        ``contrib``, ``grad`` and ``fisher`` are the full parameter tensors (or LazyFisher).
+        Returns ``(score, diagnostics)``; diagnostics hold the Fisher block's min, median,
+        max, the fraction below ε and the λ applied.
+        """
+        eps = self.eps if eps is None else eps
+        ridge = self.ridge if ridge is None else ridge
+        ridge_rel = self.ridge_rel if ridge_rel is None else ridge_rel
+        sl = self.indexer.block_slice(layer, head, block)
+        Fb = self.fisher_block(fisher, sl)
+        C = sl.apply(contrib.detach().to(dtype=torch.float32, device="cpu"))
+        G = sl.apply(grad.detach().to(dtype=torch.float32, device="cpu"))
+        if C.shape != Fb.shape or G.shape != Fb.shape:
+            raise ValueError(f"block shapes differ: C {tuple(C.shape)}, g {tuple(G.shape)}, Fisher {tuple(Fb.shape)}")
+        den, lam = self._denominator(Fb, eps, ridge, ridge_rel)
+        score = float((C / den * G.abs()).sum(dtype=torch.float64))
+        return score, self._diag(Fb, lam, eps, C, G)
+
+    def block_head_scores(self, contribs: torch.Tensor, grads: torch.Tensor, fisher: Tensorish, layer: int,
+                          head: int, block: str) -> torch.Tensor:
+        """Batched scores: ``contribs`` [n_a, *shape], ``grads`` [n_b, *shape] → [n_a, n_b].
+
+        One Fisher block read and one matmul: ``(C/(Î+λ)) @ |g|ᵀ`` over the flattened block.
+        """
+        sl = self.indexer.block_slice(layer, head, block)
+        Fb = self.fisher_block(fisher, sl)
+        den, _ = self._denominator(Fb, self.eps, self.ridge, self.ridge_rel)
+        C = contribs[:, sl.rows, sl.cols].float().cpu().reshape(contribs.shape[0], -1)
+        G = grads[:, sl.rows, sl.cols].float().cpu().abs().reshape(grads.shape[0], -1)
+        return (C / den.reshape(1, -1)).double() @ G.double().T
+
+    def heatmap(self, contribs: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
+                fisher: Mapping[str, Tensorish], layers: Iterable[int] | None = None,
+                heads: Iterable[int] | None = None, blocks: Iterable[str] = BLOCKS) -> dict[str, Any]:
+        """Mean interference over all (i, j) pairs, per block: ``{"Q": array [layers, heads], ...}``.
+
+        ``contribs``/``grads`` map parameter names to per-sample tensors [n, *shape];
+        ``fisher`` maps them to the Fisher (e.g. ``collector.full_fisher(task)``). Also
+        returns ``"layers"``, ``"heads"`` and ``"scores"`` ({block: [n_a, n_b, L, H]}).
+        """
+        layers = list(self.indexer.layers if layers is None else layers)
+        heads = list(range(self.indexer.num_heads) if heads is None else heads)
+        out: dict[str, Any] = {"layers": layers, "heads": heads, "scores": {}}
+        for b in blocks:
+            b = b.upper()
+            first = self.indexer.param_name(layers[0], b)
+            n_a, n_b = contribs[first].shape[0], grads[first].shape[0]
+            scores = torch.zeros(n_a, n_b, len(layers), len(heads), dtype=torch.float64)
+            for li, layer in enumerate(layers):
+                name = self.indexer.param_name(layer, b)
+                for key, src in (("contribs", contribs), ("grads", grads), ("fisher", fisher)):
+                    if name not in src:
+                        raise UnknownParamError(f"{key} has no entry for {name!r}." + close_matches(name, src))
+                for hi, h in enumerate(heads):
+                    scores[:, :, li, hi] = self.block_head_scores(contribs[name], grads[name], fisher[name], layer, h, b)
+            out["scores"][b] = scores
+            out[b] = scores.mean(dim=(0, 1)).numpy()
+        return out
+
+    @staticmethod
+    def _diag(Fb: torch.Tensor, lam: float, eps: float, C: torch.Tensor, G: torch.Tensor) -> dict[str, float]:
+        flat = Fb.reshape(-1)
+        return {
+            "fisher_min": float(flat.min()) if flat.numel() else math.nan,
+            "fisher_median": float(flat.median()) if flat.numel() else math.nan,
+            "fisher_max": float(flat.max()) if flat.numel() else math.nan,
+            "frac_below_eps": float((flat < eps).float().mean()) if flat.numel() else math.nan,
+            "ridge_applied": lam,
+            "contrib_norm": float(C.norm()),
+            "grad_norm": float(G.norm()),
+        }
+
+
+def heatmap_png(heat: Mapping[str, Any], path: str, title: str = "QK-OV interference") -> str:
+    """Draw a heat map per block ([layers, heads]) into one PNG (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = [b for b in BLOCKS if b in heat]
+    fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 3.0), dpi=100, squeeze=False)
+    for ax, b in zip(axes[0], blocks):
+        arr = np.asarray(heat[b])
+        im = ax.imshow(arr, aspect="auto", cmap="magma")
+        ax.set_title(b)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(arr.shape[1]))
+        ax.set_yticks(range(arr.shape[0]), [str(v) for v in heat.get("layers", range(arr.shape[0]))])
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
