@@ -137,7 +137,7 @@ def as_grad_sq(
     shape: tuple[int, ...] | None,
     nonfinite: str = "raise",
 ) -> torch.Tensor | None:
-    """Validate a squared gradient and return it as a CPU fp32 contiguous tensor.
+    """Validate a squared gradient and return it as an fp32 contiguous tensor on its device.
 
     Returns ``None`` when ``nonfinite="skip"`` and the tensor holds NaN/Inf (the caller
     counts the skip). Never modifies ``x``.
@@ -171,7 +171,7 @@ def as_grad_sq(
             f"parameter has shape {tuple(shape)}. Pass grad**2 of that exact parameter "
             "(not a per-head or reduced vector)."
         )
-    x = x.detach().to(device="cpu", dtype=STATE_DTYPE).contiguous()
+    x = x.detach().to(dtype=STATE_DTYPE).contiguous()
     if x.numel():
         lo, hi = torch.aminmax(x)
         lo_v, hi_v = float(lo), float(hi)

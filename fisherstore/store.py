@@ -24,9 +24,11 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +49,7 @@ from .ema import (
     step_weight,
     validate_decay,
 )
+from .engine import IOPool, MemoryPlan, bound_allocator, wait_all
 from .errors import (
     CorruptChunkError,
     FisherStoreError,
@@ -72,7 +75,7 @@ from .format import (
     parse_gen,
     root_body,
 )
-from .layout import ParamLayout, chunk_shape, iter_slabs
+from .layout import ParamLayout, chunk_shape, iter_slabs, split_axis
 
 if TYPE_CHECKING:
     from .lazy import LazyFisher
@@ -81,8 +84,6 @@ __all__ = ["FisherStore", "StepWriter"]
 
 #: Default bound on what a disk-backed store holds in RAM (accumulators and staging).
 DEFAULT_MEMORY_BUDGET = 1 << 30
-#: Chunk-aligned slab size for streaming reads and writes (measurements.md §3a).
-SLAB_BYTES = 16 << 20
 MODES = ("r", "r+", "a", "w")
 
 
@@ -171,6 +172,9 @@ class FisherStore:
         memory_budget: int | None = None,
         flush_every: int | None = None,
         codecs: CodecSpec | None = None,
+        io_workers: int = 2,
+        progress: bool | None = None,
+        device_budget: int = 0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -188,10 +192,18 @@ class FisherStore:
         self.nonfinite = nonfinite
         self.memory_budget = memory_budget
         self.flush_every = flush_every
+        self.progress = progress
+        self.plan = MemoryPlan.from_budget(memory_budget, io_workers)
+        self.device_budget = device_budget
+        self._pool = IOPool(self.plan.workers, self.plan.queue_bytes)
+        if backend.persistent and mode != "r":
+            bound_allocator()
         self._closed = False
         self._active_step: StepWriter | None = None
+        self._closing: StepWriter | None = None  # exited step whose writes may be in flight
         self._tasks: dict[str, _Task] = {}
         self._resident_bytes = 0
+        self._device_bytes = 0
         self._steps_since_flush = 0
         self._open(codecs or CodecSpec())
 
@@ -338,6 +350,7 @@ class FisherStore:
 
     def step(self, task: str) -> int:
         """The task's EMA step count (including steps not yet flushed)."""
+        self._finalize_closing()
         return self._task(task).step
 
     def layout(self, task: str, name: str) -> ParamLayout | None:
@@ -347,6 +360,7 @@ class FisherStore:
     def metadata(self, task: str | None = None) -> dict[str, Any]:
         """Store metadata (``task=None``) or one task's: step, tokens, estimator, model, ..."""
         self._check_open()
+        self._finalize_closing()
         if task is None:
             return {
                 "format_version": self._root["format_version"],
@@ -384,8 +398,9 @@ class FisherStore:
         self, task: str, *, estimator: str | None = None, model: Mapping[str, Any] | None = None, **user: Any
     ) -> None:
         """Record the estimator, a model description and free-form fields for ``task``."""
-        t = self._task(task)
         self._check_writable("set_metadata")
+        self._finalize_closing()
+        t = self._task(task)
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if estimator is not None:
@@ -418,6 +433,8 @@ class FisherStore:
             chunks: override the chunk shape (default: from the layout).
         """
         self._check_writable("create")
+        if self._active_step is None:
+            self._finalize_closing()
         encode_name(name, "parameter name")
         shape = tuple(int(s) for s in shape)
         if any(s < 0 for s in shape):
@@ -452,9 +469,12 @@ class FisherStore:
         # parameter every step), where LRU eviction would thrash (DESIGN §6b). A resident
         # parameter costs its accumulator plus one step's staging.
         cost = 2 * p.nbytes
-        if self._resident_bytes + cost <= max(0, self.memory_budget - 2 * SLAB_BYTES):
+        if self._resident_bytes + cost <= self.plan.resident_bytes:
             p.resident = True
             self._resident_bytes += cost
+
+    def _slab_bytes(self) -> int:
+        return self.plan.slab_bytes or 1  # 0: one chunk per slab
 
     # -- updating -----------------------------------------------------------------------
     def update(
@@ -500,17 +520,34 @@ class FisherStore:
         self._active_step = st
         return st
 
+    def _finalize_closing(self) -> None:
+        """Wait for the previous step's writes, then apply it (or discard it and raise)."""
+        st = self._closing
+        if st is None:
+            return
+        self._closing = None
+        exc = wait_all(st.futures)
+        if exc is not None:
+            self._abort_step(st)
+            raise FisherStoreError(
+                f"step {st.t} of task {st.task!r} failed while writing in the background "
+                f"({type(exc).__name__}: {exc}); the step was discarded whole and the task stays at "
+                f"step {st.task_state.step}. Fix the cause (disk space, permissions) and repeat the step."
+            ) from exc
+        self._commit_step(st)
+
     def _commit_step(self, st: StepWriter) -> None:
         t = st.task_state
-        for name, staged in st.staged.items():
+        for name, (staged, scale, _owned) in st.staged.items():
             p = t.params[name]
+            staged = _wait_host(staged)
             if p.acc is None:
-                p.acc = torch.zeros(p.shape, dtype=torch.float32)
+                p.acc = torch.zeros(p.shape, dtype=torch.float32, device=staged.device)
                 p.a_last = None
             if p.a_last is None:
-                p.acc.copy_(staged)
+                torch.mul(staged, scale, out=p.acc)
             else:
-                accumulate_(p.acc, staged, p.decay, st.t - p.a_last)
+                accumulate_(p.acc, staged if scale == 1.0 else staged * scale, p.decay, st.t - p.a_last)
             p.a_last = st.t
         for name, gen in st.streamed.items():
             p = t.params[name]
@@ -523,29 +560,36 @@ class FisherStore:
             t.params[name].nonfinite_skipped += n
         t.step = st.t
         t.tokens_seen += st.tokens or 0
-        self._steps_since_flush += 1
-        if self.flush_every is not None and self._steps_since_flush >= self.flush_every:
-            self.flush()
 
     def _abort_step(self, st: StepWriter) -> None:
+        wait_all(st.futures)
         for name, gen in st.streamed.items():
             self._backend.delete(st.task_state.params[name].gen_key(gen))
+        st.staged.clear()
 
     # -- flushing -----------------------------------------------------------------------
     def flush(self) -> None:
-        """Fold RAM accumulators into new generations, sync, and commit every dirty task."""
+        """Fold RAM accumulators into new generations, sync once, and commit every dirty task."""
         self._check_open()
         if not self.writable:
             return
         if self._active_step is not None:
             raise StepError("flush() inside an open step; leave the step's `with` block first")
-        for t in self._tasks.values():
-            if t.step != t.committed_step or any(p.dirty for p in t.params.values()):
-                self._flush_task(t)
+        self._finalize_closing()
+        dirty = [t for t in self._tasks.values() if t.step != t.committed_step or any(p.dirty for p in t.params.values())]
+        if dirty:
+            total = sum(p.nbytes for t in dirty for p in t.params.values() if p.a_last is not None)
+            with _progress(total, self.progress, f"flush {self.path or ''}") as bar:
+                written = {t.name: self._fold_task(t, bar) for t in dirty}
+            self._backend.sync()  # one durable sync for every task's new generations
+            for t in dirty:
+                self._commit_task(t, written[t.name])
         self._steps_since_flush = 0
 
-    def _flush_task(self, t: _Task) -> None:
+    def _fold_task(self, t: _Task, bar: Any) -> list[tuple[_Param, int]]:
+        """Write every resident accumulator of ``t`` into a new generation (on the pool)."""
         written: list[tuple[_Param, int]] = []
+        futures = []
         try:
             for p in t.params.values():
                 if p.a_last is None:
@@ -555,18 +599,33 @@ class FisherStore:
                 self._backend.create_array(p.gen_key(new), p.shape, p.chunks, self._array_attrs(p))
                 written.append((p, new))
                 k = p.a_last - src_t
-                for region in iter_slabs(p.shape, p.chunks, SLAB_BYTES):
-                    if src is None:
-                        out = p.acc[region].clone()
-                    else:
-                        out = fold(torch.from_numpy(self._read_array(t, p, src, region)), p.acc[region], p.decay, k)
-                    self._backend.write(p.gen_key(new), region, out.numpy())
-            self._backend.sync()
+                for region in iter_slabs(p.shape, p.chunks, self._slab_bytes()):
+                    nb = _nbytes(region)
+                    futures.append(self._pool.submit(nb, self._fold_slab, t, p, src, new, region, k, bar))
+            exc = wait_all(futures)
+            if exc is not None:
+                raise exc
         except BaseException:
+            wait_all(futures)
             for p, new in written:
                 self._backend.delete(p.gen_key(new))
             raise
-        # The data is durable; switch every parameter to its new generation at once.
+        return written
+
+    def _fold_slab(self, t: _Task, p: _Param, src: int | None, new: int, region: Region, k: int, bar: Any) -> None:
+        acc = p.acc[region]
+        if acc.device.type != "cpu":
+            acc = _to_pinned(acc)[0]
+            torch.cuda.current_stream(p.acc.device).synchronize()
+        if src is None:
+            out = acc.clone()
+        else:
+            out = fold(torch.from_numpy(self._read_array(t, p, src, region)), acc, p.decay, k)
+        self._backend.write(p.gen_key(new), region, out.numpy())
+        bar.update(out.numel() * 4)
+
+    def _commit_task(self, t: _Task, written: list[tuple[_Param, int]]) -> None:
+        """Switch ``t`` to its new generations with one atomic manifest write."""
         old = {n: (p.gen, p.t_last, p.work_gen, p.work_t) for n, p in t.params.items()}
         for p, new in written:
             if p.work_gen is not None:
@@ -620,6 +679,7 @@ class FisherStore:
                 self.flush()
         finally:
             self._closed = True
+            self._pool.shutdown()
             self._backend.close()
 
     # -- reading ------------------------------------------------------------------------
@@ -632,6 +692,7 @@ class FisherStore:
 
     def _read_region(self, task: str, name: str, region: Region, bias_corrected: bool) -> torch.Tensor:
         """The EMA value of ``region`` at the task's current step, as fp32."""
+        self._finalize_closing()
         t = self._task(task)
         p = self._param(task, name)
         src, src_t = p.latest()
@@ -641,7 +702,7 @@ class FisherStore:
             out = torch.from_numpy(self._read_array(t, p, src, region))
             out.mul_(readout_scale(p.decay, t.step, src_t, bias_corrected))
         if p.a_last is not None:
-            out.add_(p.acc[region], alpha=readout_scale(p.decay, t.step, p.a_last, bias_corrected))
+            out.add_(p.acc[region].cpu(), alpha=readout_scale(p.decay, t.step, p.a_last, bias_corrected))
         return out
 
     def _read_array(self, t: _Task, p: _Param, gen: int, region: Region) -> np.ndarray:
@@ -703,9 +764,11 @@ class FisherStore:
             )
         return p
 
-    def _param_for_add(self, st: StepWriter, name: str, x: Any) -> _Param:
+    def _param_for_add(self, st: StepWriter, name: str, x: Any, region: Any = None) -> _Param:
         p = st.task_state.params.get(name)
         if p is None and name in st.layouts:
+            if region is not None:
+                raise UnknownParamError(f"create parameter {name!r} before feeding it by region")
             shape = tuple(getattr(x, "shape", ()))
             self.create(st.task, name, shape, st.layouts[name])
             p = st.task_state.params[name]
@@ -723,9 +786,17 @@ class StepWriter:
         self.task = task.name
         self.tokens = tokens
         self.layouts = layouts
-        self.t = task.step + 1
-        self.staged: dict[str, torch.Tensor] = {}
+        # The previous step may still be closing (its writes in flight): count it. If it
+        # fails, the first add() of this step raises and this step is discarded too.
+        closing = store._closing
+        self.t = task.step + 1 + (1 if closing is not None and closing.task_state is task else 0)
+        # name -> (tensor, scale, owned): the contribution is scale * tensor. A tensor we
+        # do not own is the caller's, kept by reference until the step is applied.
+        self.staged: dict[str, tuple[torch.Tensor, float, bool]] = {}
         self.streamed: dict[str, int] = {}
+        self.coverage: dict[str, np.ndarray] = {}
+        self.futures: list[Future] = []
+        self._param_futures: dict[str, list[Future]] = {}
         self.touched: set[str] = set()
         self.skipped: dict[str, int] = {}
         self._state = "open"
@@ -736,58 +807,241 @@ class StepWriter:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if self._state != "open":
             return
-        self.store._active_step = None
-        if exc_type is None:
-            self._state = "committed"
-            self.store._commit_step(self)
-        else:
+        store = self.store
+        store._active_step = None
+        if exc_type is not None:
             self._state = "aborted"
-            self.store._abort_step(self)
+            store._abort_step(self)
+            return
+        try:
+            self._fill_uncovered()
+        except BaseException:
+            self._state = "aborted"
+            store._abort_step(self)
+            raise
+        self._state = "committed"
+        # The step is applied once its writes land, at the store's next call; until then
+        # they overlap with the caller's next forward pass.
+        store._finalize_closing()
+        store._closing = self
+        store._steps_since_flush += 1
+        if store.flush_every is not None and store._steps_since_flush >= store.flush_every:
+            store.flush()
 
     def __repr__(self) -> str:
         return f"<StepWriter task={self.task!r} step={self.t} params={len(self.touched)} {self._state}>"
 
-    def add(self, name: str, grad_sq: Any) -> None:
-        """Add one parameter's squared gradient to this step."""
+    def add(self, name: str, grad_sq: Any, region: Any = None) -> None:
+        """Add one parameter's squared gradient to this step.
+
+        ``region`` (optional) feeds a slab of the parameter: a slice, or tuple of slices,
+        aligned to the parameter's chunks along its split axis and covering the other
+        axes, so a huge tensor can be streamed without ever being whole in RAM.
+        """
         if self._state != "open":
             raise StepError(f"step {self.t} of task {self.task!r} is {self._state}; start a new step")
         store = self.store
-        p = store._param_for_add(self, name, grad_sq)
-        x = as_grad_sq(grad_sq, name, p.shape, store.nonfinite)
+        store._finalize_closing()
+        p = store._param_for_add(self, name, grad_sq, region)
+        region = _check_region(p, region)
+        x = as_grad_sq(grad_sq, name, _shape(region), store.nonfinite)
         if x is None:
             self.skipped[name] = self.skipped.get(name, 0) + 1
             return
         alpha = step_weight(p.decay, self.tokens)
+        full = _shape(region) == p.shape
         if p.resident:
-            staged = self.staged.get(name)
-            if staged is None:
-                self.staged[name] = torch.mul(x, alpha)
+            x = self._to_device_or_host(p, x)
+            cur = self.staged.get(name)
+            if cur is None and full:
+                self.staged[name] = (x, alpha, False)
             else:
-                staged.add_(x, alpha=alpha)
+                x = _wait_host(x)
+                if cur is None:
+                    S = torch.zeros(p.shape, dtype=torch.float32, device=x.device)
+                elif not cur[2]:
+                    S = torch.mul(_wait_host(cur[0]), cur[1])
+                else:
+                    S = cur[0]
+                S[region].add_(x, alpha=alpha)
+                self.staged[name] = (S, 1.0, True)
         else:
-            self._stream(p, x, alpha)
+            if x.device.type != "cpu":
+                x = _to_pinned(x)
+            self._stream(p, x, alpha, region)
         self.touched.add(name)
 
-    def _stream(self, p: _Param, x: torch.Tensor, alpha: float) -> None:
+    def _to_device_or_host(self, p: _Param, x: torch.Tensor) -> torch.Tensor | tuple:
+        """Resident gradients stay on their GPU within ``device_budget``, else go to pinned RAM."""
+        if x.device.type == "cpu":
+            return x
+        store = self.store
+        on_device = p.acc is not None and p.acc.device == x.device
+        if not on_device and p.acc is None and store._device_bytes + 2 * p.nbytes <= store.device_budget:
+            store._device_bytes += 2 * p.nbytes
+            on_device = True
+        return x if on_device else _to_pinned(x)
+
+    def _stream(self, p: _Param, x: Any, alpha: float, region: Region) -> None:
         be = self.store._backend
-        t = self.task_state
         dst = self.streamed.get(p.name)
+        ax = split_axis(p.shape, p.chunks)
+        n_chunks = -(-p.shape[ax] // p.chunks[ax]) if p.shape else 1
         if dst is None:
             dst = p.next_gen()
             be.create_array(p.gen_key(dst), p.shape, p.chunks, self.store._array_attrs(p))
             self.streamed[p.name] = dst
+            self.coverage[p.name] = np.zeros(n_chunks, dtype=bool)
+        cov = self.coverage[p.name]
+        c0, c1 = _chunk_range(region, p, ax)
+        if cov[c0:c1].any():  # a second contribution to the same chunks: wait for the first
+            wait_all(self._param_futures.get(p.name, []))
+        src, src_t = p.latest()
+        scale = decay_factor(p.decay, self.t - src_t)
+        offset = region[ax].start if p.shape else 0
+        for covered, a, b in _runs(cov, c0, c1):
+            sub = _axis_region(p, ax, a * p.chunks[ax], min(b * p.chunks[ax], p.shape[ax])) if p.shape else ()
+            for slab in iter_slabs(_shape(sub), p.chunks, self.store._slab_bytes()):
+                absr = _shift(slab, sub)
+                xs = x[_shift_back(absr, ax, offset)] if not isinstance(x, tuple) else (x, _shift_back(absr, ax, offset))
+                if covered:
+                    self._submit(p, dst, dst, absr, 1.0, xs, alpha)
+                else:
+                    self._submit(p, src, dst, absr, scale, xs, alpha)
+        cov[c0:c1] = True
+
+    def _submit(self, p: _Param, src: int | None, dst: int, region: Region, scale: float, xs: Any, alpha: float) -> None:
+        fut = self.store._pool.submit(_nbytes(region), self._rmw, p, src, dst, region, scale, xs, alpha)
+        self.futures.append(fut)
+        self._param_futures.setdefault(p.name, []).append(fut)
+
+    def _rmw(self, p: _Param, src: int | None, dst: int, region: Region, scale: float, xs: Any, alpha: float) -> None:
+        """Worker: ``dst[region] = scale · src[region] + alpha · x`` (x may be None: decay only)."""
+        store = self.store
+        if src is None:
+            F = torch.zeros(_shape(region), dtype=torch.float32)
+        else:
+            F = torch.from_numpy(store._read_array(self.task_state, p, src, region))
+            if scale != 1.0:
+                F.mul_(scale)
+        if xs is not None:
+            if isinstance(xs, tuple):  # (pinned copy with its event, index)
+                xs = _wait_host(xs[0])[xs[1]]
+            F.add_(xs, alpha=alpha)
+        store._backend.write(p.gen_key(dst), region, F.numpy())
+
+    def _fill_uncovered(self) -> None:
+        """Chunks of a streamed parameter this step did not touch still decay into the new generation."""
+        for name, cov in self.coverage.items():
+            if cov.all():
+                continue
+            p = self.task_state.params[name]
+            ax = split_axis(p.shape, p.chunks)
             src, src_t = p.latest()
             scale = decay_factor(p.decay, self.t - src_t)
-        else:
-            src, scale = dst, 1.0  # a second contribution to the same step
-        for region in iter_slabs(p.shape, p.chunks, SLAB_BYTES):
-            if src is None:
-                F = torch.zeros(_shape(region))
-            else:
-                F = torch.from_numpy(self.store._read_array(t, p, src, region))
-                F.mul_(scale)
-            F.add_(x[region], alpha=alpha)
-            be.write(p.gen_key(dst), region, F.numpy())
+            for covered, a, b in _runs(cov, 0, len(cov)):
+                if covered:
+                    continue
+                sub = _axis_region(p, ax, a * p.chunks[ax], min(b * p.chunks[ax], p.shape[ax]))
+                for slab in iter_slabs(_shape(sub), p.chunks, self.store._slab_bytes()):
+                    self._submit(p, src, self.streamed[name], _shift(slab, sub), scale, None, 0.0)
+
+
+def _nbytes(region: Region) -> int:
+    return 4 * math.prod(_shape(region))
+
+
+def _axis_region(p: _Param, ax: int, start: int, stop: int) -> Region:
+    return tuple(slice(start, stop) if i == ax else slice(0, n) for i, n in enumerate(p.shape))
+
+
+def _shift(slab: Region, base: Region) -> Region:
+    return tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(slab, base))
+
+
+def _shift_back(region: Region, ax: int, offset: int) -> Region:
+    return tuple(slice(s.start - offset, s.stop - offset) if i == ax else s for i, s in enumerate(region))
+
+
+def _chunk_range(region: Region, p: _Param, ax: int) -> tuple[int, int]:
+    if not p.shape:
+        return 0, 1
+    s = region[ax]
+    return s.start // p.chunks[ax], -(-s.stop // p.chunks[ax])
+
+
+def _runs(cov: np.ndarray, a: int, b: int) -> list[tuple[bool, int, int]]:
+    """Maximal runs ``(covered, start, stop)`` of equal coverage in ``cov[a:b]``."""
+    runs = []
+    i = a
+    while i < b:
+        j = i
+        while j < b and cov[j] == cov[i]:
+            j += 1
+        runs.append((bool(cov[i]), i, j))
+        i = j
+    return runs
+
+
+def _check_region(p: _Param, region: Any) -> Region:
+    """Validate an ``add(region=...)``; return the full region tuple."""
+    full = tuple(slice(0, n) for n in p.shape)
+    if region is None:
+        return full
+    reg = region if isinstance(region, tuple) else (region,)
+    reg = reg + (slice(None),) * (len(p.shape) - len(reg))
+    if len(reg) != len(p.shape) or not all(isinstance(s, slice) and s.step in (None, 1) for s in reg):
+        raise ShapeMismatchError(f"parameter {p.name!r}: region must be slices with step 1, got {region!r}")
+    reg = tuple(slice(*s.indices(n)[:2]) for s, n in zip(reg, p.shape))
+    ax = split_axis(p.shape, p.chunks)
+    for i, (s, n) in enumerate(zip(reg, p.shape)):
+        if i == ax:
+            aligned = s.start % p.chunks[ax] == 0 and (s.stop % p.chunks[ax] == 0 or s.stop == n) and s.stop > s.start
+            if not aligned:
+                raise ShapeMismatchError(
+                    f"parameter {p.name!r}: region {s.start}:{s.stop} on axis {ax} is not aligned to its chunks "
+                    f"of {p.chunks[ax]}; feed whole chunks (or the whole tensor)"
+                )
+        elif (s.start, s.stop) != (0, n):
+            raise ShapeMismatchError(
+                f"parameter {p.name!r}: a region must span axis {i} whole (0:{n}); it splits only along axis {ax}"
+            )
+    return reg
+
+
+def _to_pinned(x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start a non-blocking copy of a GPU tensor into pinned host memory."""
+    host = torch.empty(x.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(x.device))
+    return host, ev
+
+
+def _wait_host(x: Any) -> torch.Tensor:
+    """The tensor of a pinned copy once its transfer is done (a tensor passes through)."""
+    if isinstance(x, tuple):
+        x[1].synchronize()
+        return x[0]
+    return x
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress(total: int, progress: bool | None, desc: str) -> Iterator[Any]:
+    """A tqdm bar for flushes longer than a second (off when not a TTY or progress=False)."""
+    if progress is False or total <= 0:
+        yield _NoBar()
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc.strip(), delay=1.0,
+              disable=None if progress is None else not progress, leave=False) as bar:
+        yield bar
 
 
 def _shape(region: Region) -> tuple[int, ...]:
