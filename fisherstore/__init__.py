@@ -50,6 +50,9 @@ def open(  # noqa: A001 - the natural name, as zarr.open and h5py.File
     nonfinite: str = "raise",
     memory_budget: int | None = None,
     flush_every: int | None = None,
+    io_workers: int = 2,
+    progress: bool | None = None,
+    device_budget: int = 0,
     **options: Any,
 ) -> FisherStore:
     """Open (or create) a Fisher store; also a context manager.
@@ -67,6 +70,10 @@ def open(  # noqa: A001 - the natural name, as zarr.open and h5py.File
         memory_budget: bytes of RAM the store may hold for accumulators and staging
             (default 1 GiB for disk backends).
         flush_every: flush automatically every N steps (default: on flush()/close()).
+        io_workers: threads that read and write slabs in the background (default 2).
+        progress: tqdm bar for flushes over a second: None (default) shows it on a TTY.
+        device_budget: bytes of GPU memory for accumulators of parameters whose squared
+            gradients arrive on a GPU (default 0: copy to pinned host memory instead).
         **options: backend options, e.g. ``store_wrapper=`` for zarr.
 
     >>> with fisherstore.open("/tmp/f.zarr", mode="w") as s:  # doctest: +SKIP
@@ -100,6 +107,9 @@ def open(  # noqa: A001 - the natural name, as zarr.open and h5py.File
             memory_budget=memory_budget,
             flush_every=flush_every,
             codecs=codecs,
+            io_workers=io_workers,
+            progress=progress,
+            device_budget=device_budget,
         )
     except BaseException:
         be.close()

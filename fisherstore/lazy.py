@@ -14,6 +14,10 @@ Usage::
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -158,6 +162,33 @@ class LazyFisher:
                 "directly, or create it with a ParamLayout"
             )
         return self[layout.head_index(head, block, self.ndim)]
+
+    def iter_heads(self, block: str | None = None, workers: int = 4) -> Iterator[tuple[int, str, torch.Tensor]]:
+        """Yield ``(head, block, tensor)`` for every distinct head block, reading ahead.
+
+        K and V blocks are yielded once per key/value head (``head`` is the first query
+        head of its group). Up to ``2 * workers`` blocks are in flight, so a sweep over
+        a model's heads keeps the disk busy instead of waiting on each read.
+        """
+        layout = self.layout
+        if layout is None:
+            from .errors import HeadIndexError
+
+            raise HeadIndexError(f"parameter {self.name!r} of task {self.task!r} has no head layout")
+        blocks = [block.upper()] if block else list(layout.blocks)
+        todo = [(h, b) for b in blocks for h in range(0, layout.num_heads, layout.group_size if b in "KV" else 1)]
+        self._store._finalize_closing()
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fisherstore-read") as ex:
+            pending: deque = deque()
+            it = iter(todo)
+            for h, b in itertools.islice(it, 2 * workers):
+                pending.append((h, b, ex.submit(self.head, h, b)))
+            while pending:
+                h, b, fut = pending.popleft()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((*nxt, ex.submit(self.head, *nxt)))
+                yield h, b, fut.result()
 
     def load(self) -> torch.Tensor:
         """The whole tensor, read into RAM."""

@@ -41,7 +41,6 @@ from .backends.base import Region
 from .codecs import CodecSpec
 from .ema import (
     NONFINITE_POLICIES,
-    accumulate_,
     as_grad_sq,
     decay_factor,
     fold,
@@ -538,16 +537,17 @@ class FisherStore:
 
     def _commit_step(self, st: StepWriter) -> None:
         t = st.task_state
-        for name, (staged, scale, _owned) in st.staged.items():
+        for name, entries in st.staged.items():
             p = t.params[name]
-            staged = _wait_host(staged)
+            first = _wait_host(entries[0][1])
             if p.acc is None:
-                p.acc = torch.zeros(p.shape, dtype=torch.float32, device=staged.device)
-                p.a_last = None
-            if p.a_last is None:
-                torch.mul(staged, scale, out=p.acc)
-            else:
-                accumulate_(p.acc, staged if scale == 1.0 else staged * scale, p.decay, st.t - p.a_last)
+                p.acc = torch.zeros(p.shape, dtype=torch.float32, device=first.device)
+            elif p.a_last is None:
+                p.acc.zero_()
+            if p.a_last is not None and st.t != p.a_last:
+                p.acc.mul_(decay_factor(p.decay, st.t - p.a_last))
+            for region, x, alpha in entries:
+                p.acc[region].add_(_wait_host(x), alpha=alpha)
             p.a_last = st.t
         for name, gen in st.streamed.items():
             p = t.params[name]
@@ -790,9 +790,8 @@ class StepWriter:
         # fails, the first add() of this step raises and this step is discarded too.
         closing = store._closing
         self.t = task.step + 1 + (1 if closing is not None and closing.task_state is task else 0)
-        # name -> (tensor, scale, owned): the contribution is scale * tensor. A tensor we
-        # do not own is the caller's, kept by reference until the step is applied.
-        self.staged: dict[str, tuple[torch.Tensor, float, bool]] = {}
+        # name -> [(region, grad², weight)]: resident contributions, applied with the step.
+        self.staged: dict[str, list[tuple[Region, Any, float]]] = {}
         self.streamed: dict[str, int] = {}
         self.coverage: dict[str, np.ndarray] = {}
         self.futures: list[Future] = []
@@ -849,22 +848,10 @@ class StepWriter:
             self.skipped[name] = self.skipped.get(name, 0) + 1
             return
         alpha = step_weight(p.decay, self.tokens)
-        full = _shape(region) == p.shape
         if p.resident:
-            x = self._to_device_or_host(p, x)
-            cur = self.staged.get(name)
-            if cur is None and full:
-                self.staged[name] = (x, alpha, False)
-            else:
-                x = _wait_host(x)
-                if cur is None:
-                    S = torch.zeros(p.shape, dtype=torch.float32, device=x.device)
-                elif not cur[2]:
-                    S = torch.mul(_wait_host(cur[0]), cur[1])
-                else:
-                    S = cur[0]
-                S[region].add_(x, alpha=alpha)
-                self.staged[name] = (S, 1.0, True)
+            # Staged by reference and applied when the step is: a step that raises leaves
+            # the accumulator untouched. The caller must not modify grad_sq until then.
+            self.staged.setdefault(name, []).append((region, self._to_device_or_host(p, x), alpha))
         else:
             if x.device.type != "cpu":
                 x = _to_pinned(x)

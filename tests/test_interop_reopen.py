@@ -30,11 +30,12 @@ def _fill(store, seed=0, steps=3):
 
 @pytest.mark.parametrize("writer,reader", [("zarr", "tensorstore"), ("tensorstore", "zarr")])
 @pytest.mark.parametrize("compression", [None, "blosc-lz4"])
-def test_each_backend_reads_what_the_other_wrote_bit_for_bit(tmp_path, writer, reader, compression):
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-reads", "library-reads"])
+def test_each_backend_reads_what_the_other_wrote_bit_for_bit(tmp_path, writer, reader, compression, direct):
     with fisherstore.open(tmp_path / "s", mode="w", backend=writer, compression=compression) as w:
         _fill(w)
         want = {n: w.fisher("task/α", n, bias_corrected=False).load() for n in w.params("task/α")}
-    with fisherstore.open(tmp_path / "s", mode="r+", backend=reader) as r:
+    with fisherstore.open(tmp_path / "s", mode="r+", backend=reader, direct_reads=direct) as r:
         for n, v in want.items():
             assert torch.equal(r.fisher("task/α", n, bias_corrected=False).load(), v)
         r.update("task/α", {"layers.0.q.weight": torch.ones(16, 6)})  # the reader writes too
@@ -44,8 +45,9 @@ def test_each_backend_reads_what_the_other_wrote_bit_for_bit(tmp_path, writer, r
         assert torch.equal(w2.fisher("task/α", "layers.0.q.weight").load(), after)
 
 
-def test_plain_zarr_and_tensorstore_open_the_arrays(tmp_path):
-    with fisherstore.open(tmp_path / "s", mode="w", backend="zarr") as w:
+@pytest.mark.parametrize("writer", ["zarr", "tensorstore"])
+def test_plain_zarr_and_tensorstore_open_the_arrays(tmp_path, writer):
+    with fisherstore.open(tmp_path / "s", mode="w", backend=writer) as w:
         _fill(w)
         raw = w.fisher("task/α", "layers.0.q.weight", bias_corrected=False).load().numpy()
     root = zarr.open_group(str(tmp_path / "s"), mode="r")

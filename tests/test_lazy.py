@@ -101,7 +101,8 @@ def test_llama_head_block_reads_exactly_one_chunk_zarr(tmp_path):
         counter["s"] = CountingStore(store)
         return counter["s"]
 
-    with fisherstore.open(tmp_path / "s", mode="r", backend="zarr", store_wrapper=wrap) as r:
+    # through zarr-python itself (direct_reads=False), counted by a real store wrapper
+    with fisherstore.open(tmp_path / "s", mode="r", backend="zarr", store_wrapper=wrap, direct_reads=False) as r:
         F = r.fisher("t", "q_proj.weight")
         block = F.head(5, "Q")
         assert block.shape == (128, 4096)
@@ -116,6 +117,22 @@ def test_llama_head_block_reads_exactly_one_chunk_zarr(tmp_path):
         assert len(counter["s"].chunk_gets) == 1
 
 
+@pytest.mark.parametrize("backend", ["zarr", "tensorstore"])
+def test_llama_head_block_reads_exactly_one_chunk_file_direct(tmp_path, backend):
+    g = _llama_store(backend, tmp_path / "s")
+    with fisherstore.open(tmp_path / "s", mode="r", backend=backend) as r:
+        be = r._backend
+        F, o_lazy = r.fisher("t", "q_proj.weight"), r.fisher("t", "o_proj.weight")
+        for lazy, block, want in ((F, "Q", g[640:768]), (o_lazy, "O", g[:, 640:768])):
+            before = be.chunk_files_read
+            got = lazy.head(5, block)
+            assert be.chunk_files_read - before == 1
+            assert torch.allclose(got, want)
+        before = be.chunk_files_read
+        F[0:256, 5:9]  # two head blocks' rows: two chunk files
+        assert be.chunk_files_read - before == 2
+
+
 def test_llama_head_block_reads_exactly_one_chunk_tensorstore(tmp_path):
     _llama_store("tensorstore", tmp_path / "s")
 
@@ -125,7 +142,7 @@ def test_llama_head_block_reads_exactly_one_chunk_tensorstore(tmp_path):
                 return m["values"][0]["value"]
         return 0
 
-    with fisherstore.open(tmp_path / "s", mode="r", backend="tensorstore") as r:
+    with fisherstore.open(tmp_path / "s", mode="r", backend="tensorstore", direct_reads=False) as r:
         F = r.fisher("t", "q_proj.weight")
         F.head(0, "Q")  # opens the array (reads its zarr.json)
         before = file_reads()
@@ -135,3 +152,16 @@ def test_llama_head_block_reads_exactly_one_chunk_tensorstore(tmp_path):
         r.fisher("t", "o_proj.weight").head(3, "O")
         r.fisher("t", "o_proj.weight").head(4, "O")
         assert file_reads() - before == 3  # metadata once + one chunk per head
+
+
+def test_iter_heads_yields_every_distinct_block_once(tmp_path):
+    with fisherstore.open(tmp_path / "s", mode="w") as s:
+        lay = ParamLayout.attention("qkv", 4, 2, num_kv_heads=2, fused="block")
+        s.create("t", "qkv", (16, 3), lay)
+        x = torch.rand(16, 3)
+        s.update("t", {"qkv": x})
+        got = [(h, b, blk) for h, b, blk in s.fisher("t", "qkv").iter_heads(workers=2)]
+        assert [(h, b) for h, b, _ in got] == [(0, "Q"), (1, "Q"), (2, "Q"), (3, "Q"), (0, "K"), (2, "K"),
+                                               (0, "V"), (2, "V")]
+        for h, b, blk in got:
+            assert torch.allclose(blk, x[lay.head_index(h, b, 2)])

@@ -59,7 +59,7 @@ class TensorStoreBackend(LocalFSBackend):
             self._arrays[key] = arr
         return arr
 
-    def read(self, key: str, region: Region) -> np.ndarray:
+    def _read_lib(self, key: str, region: Region) -> np.ndarray:
         return np.asarray(self._array(key)[region].read().result(), dtype=np.float32)
 
     def write(self, key: str, region: Region, data: np.ndarray) -> None:
@@ -67,6 +67,7 @@ class TensorStoreBackend(LocalFSBackend):
         self._array(key)[region].write(self.codecs.pre_encode(data)).result()
 
     def _forget(self, key: str) -> None:
+        super()._forget(key)
         prefix = key.rstrip("/") + "/" if key else ""
         for k in [k for k in self._arrays if k == key or k.startswith(prefix)]:
             del self._arrays[k]

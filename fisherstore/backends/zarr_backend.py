@@ -66,7 +66,7 @@ class ZarrBackend(LocalFSBackend):
             self._arrays[key] = arr
         return arr
 
-    def read(self, key: str, region: Region) -> np.ndarray:
+    def _read_lib(self, key: str, region: Region) -> np.ndarray:
         return np.asarray(self._array(key)[region], dtype=np.float32)
 
     def write(self, key: str, region: Region, data: np.ndarray) -> None:
@@ -74,6 +74,7 @@ class ZarrBackend(LocalFSBackend):
         self._array(key)[region] = self.codecs.pre_encode(data)
 
     def _forget(self, key: str) -> None:
+        super()._forget(key)
         prefix = key.rstrip("/") + "/" if key else ""
         for k in [k for k in self._arrays if k == key or k.startswith(prefix)]:
             del self._arrays[k]
