@@ -17,6 +17,7 @@ import os as _os
 from typing import Any
 
 from .codecs import CodecSpec
+from .dist import RankGroup
 from .ema import check_state_dtype
 from .errors import (
     CorruptChunkError,
@@ -31,6 +32,8 @@ from .errors import (
     ReadOnlyError,
     ShapeMismatchError,
     StepError,
+    StorageError,
+    StoreLockedError,
     UnknownParamError,
     UnknownTaskError,
 )
@@ -53,6 +56,8 @@ def open(  # noqa: A001 - the natural name, as zarr.open and h5py.File
     io_workers: int = 2,
     progress: bool | None = None,
     device_budget: int = 0,
+    force: bool = False,
+    group: RankGroup | None = None,
     **options: Any,
 ) -> FisherStore:
     """Open (or create) a Fisher store; also a context manager.
@@ -74,7 +79,14 @@ def open(  # noqa: A001 - the natural name, as zarr.open and h5py.File
         progress: tqdm bar for flushes over a second: None (default) shows it on a TTY.
         device_budget: bytes of GPU memory for accumulators of parameters whose squared
             gradients arrive on a GPU (default 0: copy to pinned host memory instead).
+        force: take over a stale writer lock whose process is gone (pidfile locks only;
+            an ``flock`` lock is released by the kernel when its writer dies).
+        group: a :class:`RankGroup` when several processes write this store together
+            (``torch.distributed``); each rank then writes only the parameters it owns.
         **options: backend options, e.g. ``store_wrapper=`` for zarr.
+
+    A second writer gets :class:`StoreLockedError` naming the holder's pid and host;
+    readers (``mode="r"``) never lock.
 
     >>> with fisherstore.open("/tmp/f.zarr", mode="w") as s:  # doctest: +SKIP
     ...     s.create("t", "w", (4, 4))
@@ -110,6 +122,8 @@ def open(  # noqa: A001 - the natural name, as zarr.open and h5py.File
             io_workers=io_workers,
             progress=progress,
             device_budget=device_budget,
+            force=force,
+            group=group,
         )
     except BaseException:
         be.close()
@@ -145,4 +159,7 @@ __all__ = [
     "LayoutError",
     "StepError",
     "CorruptChunkError",
+    "StorageError",
+    "StoreLockedError",
+    "RankGroup",
 ]

@@ -2,8 +2,11 @@
 
     fisherstore demo [--out DIR]        collect two tasks on a tiny LLaMA-style model, score QK-OV
     fisherstore info PATH [--json]      tasks, parameters, steps, bytes on disk
+    fisherstore verify PATH [--json]    check every committed chunk; name what a crash rolled back
+    fisherstore unlock PATH --force     remove a stale writer lock whose process is gone
 
-Exit codes: 0 success, 1 an error about the store or its data, 2 bad usage.
+Exit codes: 0 success (verify: clean), 1 an error about the store or its data (verify:
+problems found), 2 bad usage.
 """
 
 from __future__ import annotations
@@ -19,14 +22,7 @@ from typing import Any
 
 from . import __version__
 from .errors import FisherStoreError
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from .errors import human_bytes as _human
 
 
 # -- info ------------------------------------------------------------------------------
@@ -162,6 +158,42 @@ def run_demo(out: str | None = None, backend: str = "zarr", steps: int = 3, quie
     return {"out": out, "store": path, "png": png, "heat": heat}
 
 
+# -- verify / unlock -------------------------------------------------------------------
+def _print_verify(rep: Any) -> None:
+    print(f"{rep.path}: {'clean' if rep.ok else f'{len(rep.problems)} problem(s)'} "
+          f"({rep.chunks_checked} chunks, {_human(rep.bytes_checked)} checked)")
+    for f in rep.problems:
+        print(f"  PROBLEM {f.kind}: {f.message}")
+    for f in rep.rolled_back:
+        print(f"  rolled back ({f.kind}): {f.message}")
+    for n in rep.notes:
+        print(f"  note: {n}")
+
+
+def _unlock(path: str, force: bool) -> int:
+    from .lock import LOCK_NAME, StoreLock, holder_alive, read_holder
+
+    lock_path = os.path.join(path, LOCK_NAME)
+    holder = read_holder(lock_path)
+    if not os.path.exists(lock_path) or not holder:
+        print(f"{path}: no writer lock is held")
+        return 0
+    if not force:
+        print(f"fisherstore: error: {path} has a writer lock record from pid {holder.get('pid')} on host "
+              f"{holder.get('host')}; pass --force to remove it once you are sure that writer is gone",
+              file=sys.stderr)
+        return 2
+    if holder_alive(holder):
+        print(f"fisherstore: error: pid {holder['pid']} on this host still runs; it holds the store. "
+              "Stop it first.", file=sys.stderr)
+        return 1
+    lock = StoreLock(path, force=True)
+    lock.acquire()  # raises StoreLockedError if a live writer really holds it
+    lock.release()
+    print(f"{path}: removed the stale lock of pid {holder.get('pid')} on host {holder.get('host')}")
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fisherstore", description="Full elementwise Fisher information, on disk.",
@@ -179,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--backend", choices=("zarr", "tensorstore"), default="zarr")
+    v = sub.add_parser("verify", help="check every committed chunk of a store",
+                       description="Read every chunk of every committed generation and check its crc32c "
+                                   "checksum; list what an interrupted writer left behind (rolled back). "
+                                   "Exit 0 clean, 1 problems found, 2 usage.")
+    v.add_argument("path")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.add_argument("--backend", choices=("zarr", "tensorstore"), default="zarr")
+    u = sub.add_parser("unlock", help="remove a stale writer lock",
+                       description="Remove the writer lock of a process that is gone (pidfile locks; an "
+                                   "flock lock is released by the kernel when its writer dies).")
+    u.add_argument("path")
+    u.add_argument("--force", action="store_true", help="required: confirm the writer is gone")
     return ap
 
 
@@ -194,6 +238,18 @@ def main(argv: list[str] | None = None) -> int:
                 print()
             else:
                 _print_info(info)
+        elif args.cmd == "verify":
+            from .verify import verify_store
+
+            rep = verify_store(args.path, backend=args.backend)
+            if args.json:
+                json.dump(rep.to_dict(), sys.stdout, indent=1)
+                print()
+            else:
+                _print_verify(rep)
+            return 0 if rep.ok else 1
+        elif args.cmd == "unlock":
+            return _unlock(args.path, args.force)
     except FisherStoreError as e:
         print(f"fisherstore: error: {e}", file=sys.stderr)
         return 1

@@ -25,6 +25,8 @@ __all__ = [
     "LayoutError",
     "StepError",
     "CorruptChunkError",
+    "StorageError",
+    "StoreLockedError",
 ]
 
 
@@ -91,6 +93,14 @@ class CorruptChunkError(FisherStoreError, OSError):
     """A chunk on disk failed its checksum or could not be decoded."""
 
 
+class StorageError(FisherStoreError, OSError):
+    """The disk refused a write (full, I/O error, read-only); the store kept its last commit."""
+
+
+class StoreLockedError(FisherStoreError, BlockingIOError):
+    """Another writer holds the store's lock."""
+
+
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """Return a "did you mean" fragment for error messages ('' when nothing is close)."""
     cands = list(candidates)
@@ -99,6 +109,15 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
         # Substring hits catch the common case of a missing "model." prefix.
         hits = [c for c in cands if name in c or c in name][:n]
     return f" Did you mean: {', '.join(repr(h) for h in hits)}?" if hits else ""
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``: byte counts in messages and reports."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def listing(names: Iterable[str], limit: int = 8) -> str:

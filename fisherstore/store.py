@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -57,10 +58,14 @@ from .errors import (
     ReadOnlyError,
     ShapeMismatchError,
     StepError,
+    StorageError,
     UnknownParamError,
     UnknownTaskError,
     close_matches,
     listing,
+)
+from .errors import (
+    human_bytes as _human,
 )
 from .format import (
     ESTIMATORS,
@@ -75,8 +80,10 @@ from .format import (
     root_body,
 )
 from .layout import ParamLayout, chunk_shape, iter_slabs, split_axis
+from .lock import StoreLock
 
 if TYPE_CHECKING:
+    from .dist import RankGroup
     from .lazy import LazyFisher
 
 __all__ = ["FisherStore", "StepWriter"]
@@ -103,6 +110,7 @@ class _Param:
     acc: torch.Tensor | None = None  # resident accumulator, current at a_last
     a_last: int | None = None  # None: accumulator holds nothing
     resident: bool = False
+    owned: bool = True  # False: another rank of the group writes it
     nonfinite_skipped: int = 0
     updates: int = 0
     superseded: list[int] = field(default_factory=list)  # generations to delete after commit
@@ -174,6 +182,8 @@ class FisherStore:
         io_workers: int = 2,
         progress: bool | None = None,
         device_budget: int = 0,
+        force: bool = False,
+        group: RankGroup | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -204,13 +214,60 @@ class FisherStore:
         self._resident_bytes = 0
         self._device_bytes = 0
         self._steps_since_flush = 0
-        self._open(codecs or CodecSpec())
+        self._group = group
+        self._lock: StoreLock | None = None
+        try:
+            self._acquire_lock(force)
+            if self._is_root:
+                self._open(codecs or CodecSpec())
+            if group is not None:
+                # Rank 0 creates or cleans the store before any other rank looks at it.
+                group.barrier()
+            if not self._is_root:
+                self._open(codecs or CodecSpec())
+        except BaseException:
+            self._pool.shutdown()
+            self._release_lock()
+            raise
+
+    def _acquire_lock(self, force: bool) -> None:
+        # One writer per store: the lock is taken before anything is read or cleaned up,
+        # so orphan removal never races another writer. In a rank group, rank 0 holds it
+        # for the group (the other ranks write only chunks rank 0 does not).
+        be = self._backend
+        if not be.persistent or self.mode == "r" or (self._group is not None and self._group.rank != 0):
+            return
+        fresh = not os.path.isdir(be.root)
+        be.ensure_root()
+        self._lock = StoreLock(be.root, force=force)
+        try:
+            self._lock.acquire()
+        except BaseException:
+            self._lock = None
+            if fresh:
+                shutil.rmtree(be.root, ignore_errors=True)
+            raise
+
+    @property
+    def _is_root(self) -> bool:
+        """Whether this process writes the metadata documents (always, without a group)."""
+        return self._group is None or self._group.rank == 0
+
+    def _release_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
+        lock.release()
+        root = self._backend.root
+        if root and not self._backend.exists():  # we created nothing: leave no lock file behind
+            with contextlib.suppress(OSError):
+                os.unlink(lock.path)
 
     # -- opening ------------------------------------------------------------------------
     def _open(self, codecs: CodecSpec) -> None:
         be = self._backend
         where = be.root or "<ram>"
-        if self.mode == "w" and be.exists():
+        if self.mode == "w" and be.exists() and self._is_root:
             check_root(be.read_json("zarr.json"), where)  # never wipe a directory that isn't ours
             be.clear()
         doc = be.read_json("zarr.json")
@@ -225,7 +282,7 @@ class FisherStore:
         be.codecs = CodecSpec.from_dict(self._root.get("codecs") or {})
         for task_name, task_key in self._root.get("tasks", {}).items():
             self._tasks[task_name] = self._load_task(task_name, task_key)
-        if self.writable:
+        if self.writable and self._is_root:
             self._remove_orphans()
 
     def _refuse_foreign_dir(self) -> None:
@@ -267,6 +324,7 @@ class FisherStore:
                 nonfinite_skipped=e.get("nonfinite_skipped", 0),
                 updates=e.get("updates", 0),
             )
+            self._assign_owner(p, len(task.params))
             self._assign_residency(p)
             task.params[pname] = p
         return task
@@ -458,15 +516,27 @@ class FisherStore:
         p = _Param(name=name, key=f"{t.key}/{encode_name(name, 'parameter name')}", shape=shape,
                    chunks=ch, layout=layout, decay=beta)
         body = {"name": name, "shape": list(shape), "layout": layout.to_dict() if layout else None}
-        self._backend.write_json(f"{p.key}/zarr.json", group_doc(PARAM_ATTR, body))
+        if self._is_root:
+            self._backend.write_json(f"{p.key}/zarr.json", group_doc(PARAM_ATTR, body))
+        self._assign_owner(p, len(t.params))
         self._assign_residency(p)
         t.params[name] = p
         self._write_manifest(t)
+
+    def _assign_owner(self, p: _Param, index: int) -> None:
+        if self._group is not None:
+            p.owned = self._group.owner_of(p.name, index) == self._group.rank
+
+    def owns(self, task: str, name: str) -> bool:
+        """Whether this process writes ``name`` (always True outside a rank group)."""
+        return self._param(task, name).owned
 
     def _assign_residency(self, p: _Param) -> None:
         # The resident set is fixed at creation: the access pattern is cyclic (every
         # parameter every step), where LRU eviction would thrash (DESIGN §6b). A resident
         # parameter costs its accumulator plus one step's staging.
+        if not p.owned:
+            return
         cost = 2 * p.nbytes
         if self._resident_bytes + cost <= self.plan.resident_bytes:
             p.resident = True
@@ -528,10 +598,15 @@ class FisherStore:
         exc = wait_all(st.futures)
         if exc is not None:
             self._abort_step(st)
-            raise FisherStoreError(
+            needed = sum(st.task_state.params[n].nbytes for n in st.streamed)
+            cls = StorageError if isinstance(exc, OSError) else FisherStoreError
+            args = (exc.errno,) if isinstance(exc, OSError) else ()
+            raise cls(
+                *args,
                 f"step {st.t} of task {st.task!r} failed while writing in the background "
-                f"({type(exc).__name__}: {exc}); the step was discarded whole and the task stays at "
-                f"step {st.task_state.step}. Fix the cause (disk space, permissions) and repeat the step."
+                f"({type(exc).__name__}: {exc}); it needed {_human(needed)} for the new generations of its "
+                f"streamed parameters. The step was discarded whole and the task stays at step "
+                f"{st.task_state.step}. Fix the cause (disk space, permissions) and repeat the step.",
             ) from exc
         self._commit_step(st)
 
@@ -577,14 +652,57 @@ class FisherStore:
             raise StepError("flush() inside an open step; leave the step's `with` block first")
         self._finalize_closing()
         dirty = [t for t in self._tasks.values() if t.step != t.committed_step or any(p.dirty for p in t.params.values())]
+        if self._group is not None:  # collective: commit a task if any rank has news for it
+            names = set().union(*self._group.all_gather([t.name for t in dirty]))
+            dirty = [t for t in self._tasks.values() if t.name in names]
         if dirty:
             total = sum(p.nbytes for t in dirty for p in t.params.values() if p.a_last is not None)
-            with _progress(total, self.progress, f"flush {self.path or ''}") as bar:
-                written = {t.name: self._fold_task(t, bar) for t in dirty}
-            self._backend.sync()  # one durable sync for every task's new generations
+            written: dict[str, list[tuple[_Param, int]]] = {}
+            err: BaseException | None = None
+            try:
+                with _progress(total, self.progress, f"flush {self.path or ''}") as bar:
+                    for t in dirty:
+                        written[t.name] = self._fold_task(t, bar)
+                self._backend.sync()  # one durable sync for every task's new generations
+            except BaseException as e:
+                err = e
+            err = self._agree(err, "write its part of the flush")
+            if err is not None:
+                for ws in written.values():
+                    for p, new in ws:
+                        self._backend.delete(p.gen_key(new))
+                raise self._storage_error(err, "flush", total, dirty) from err
             for t in dirty:
                 self._commit_task(t, written[t.name])
         self._steps_since_flush = 0
+
+    def _agree(self, err: BaseException | None, what: str) -> BaseException | None:
+        """In a rank group, every rank learns whether any rank failed (so none commits alone)."""
+        if self._group is None:
+            return err
+        msgs = self._group.all_gather(None if err is None else f"{type(err).__name__}: {err}")
+        if err is None:
+            bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+            if bad:
+                err = FisherStoreError(f"rank {bad[0][0]} failed to {what} ({bad[0][1]}); nothing was committed")
+        return err
+
+    def _storage_error(self, err: BaseException, what: str, needed: int, tasks: Sequence[_Task]) -> BaseException:
+        """Turn an OS error from the disk into one that says what was needed and what is kept."""
+        if not isinstance(err, OSError) or isinstance(err, FisherStoreError):
+            return err
+        where = err.filename or self.path
+        free = ""
+        with contextlib.suppress(OSError, TypeError):
+            free = f", and {_human(shutil.disk_usage(self.path).free)} is free there"
+        at = ", ".join(f"task {t.name!r} at step {t.committed_step}" for t in tasks)
+        return StorageError(
+            err.errno,
+            f"{what} of {self.path!r} failed writing {where!r}: {err.strerror or err}. It needed "
+            f"{_human(needed)} ({needed} bytes) for new generations{free}. The store stays at its last "
+            f"commit ({at}) and the steps since are kept in RAM: free space (or fix the device) and call "
+            "flush() again.",
+        )
 
     def _fold_task(self, t: _Task, bar: Any) -> list[tuple[_Param, int]]:
         """Write every resident accumulator of ``t`` into a new generation (on the pool)."""
@@ -639,7 +757,16 @@ class FisherStore:
         prev = (t.committed_step, t.committed_tokens, t.commit)
         t.committed_step, t.committed_tokens, t.commit = t.step, t.tokens_seen, t.commit + 1
         try:
-            self._write_manifest(t)
+            if self._group is not None:
+                self._merge_from_ranks(t)
+            err: BaseException | None = None
+            try:
+                self._write_manifest(t)
+            except BaseException as e:
+                err = e
+            err = self._agree(err, f"commit task {t.name!r}")
+            if err is not None:
+                raise err
         except BaseException:
             t.committed_step, t.committed_tokens, t.commit = prev
             for n, p in t.params.items():
@@ -656,7 +783,20 @@ class FisherStore:
                 self._backend.delete(p.gen_key(g))
             p.superseded.clear()
 
+    def _merge_from_ranks(self, t: _Task) -> None:
+        """Learn the new generations of the parameters other ranks own (for rank 0's manifest)."""
+        mine = {n: p.manifest_entry() for n, p in t.params.items() if p.owned}
+        for entries in self._group.all_gather(mine):
+            for n, e in entries.items():
+                p = t.params.get(n)
+                if p is None or p.owned:
+                    continue
+                p.gen, p.t_last = e["generation"], e["t_last"]
+                p.updates, p.nonfinite_skipped = e["updates"], e["nonfinite_skipped"]
+
     def _write_manifest(self, t: _Task) -> None:
+        if not self._is_root:
+            return
         body: dict[str, Any] = {
             "name": t.name,
             "step": t.committed_step,
@@ -681,6 +821,7 @@ class FisherStore:
             self._closed = True
             self._pool.shutdown()
             self._backend.close()
+            self._release_lock()
 
     # -- reading ------------------------------------------------------------------------
     def fisher(self, task: str, name: str, bias_corrected: bool = True) -> LazyFisher:
@@ -692,6 +833,27 @@ class FisherStore:
 
     def _read_region(self, task: str, name: str, region: Region, bias_corrected: bool) -> torch.Tensor:
         """The EMA value of ``region`` at the task's current step, as fp32."""
+        for _ in range(8):
+            try:
+                return self._read_region_once(task, name, region, bias_corrected)
+            except CorruptChunkError:
+                # A reader racing a writer: the generation it knew was superseded and deleted
+                # by a newer commit. Read that commit instead (each read is whole, at one step).
+                if self.writable or not self._refresh_task(task):
+                    raise
+        return self._read_region_once(task, name, region, bias_corrected)
+
+    def _refresh_task(self, task: str) -> bool:
+        """Reload ``task`` from its manifest if a writer committed since; True if it changed."""
+        t = self._task(task)
+        doc = self._backend.read_json(f"{t.key}/zarr.json") or {}
+        body = (doc.get("attributes") or {}).get(TASK_ATTR) or {}
+        if body.get("commit", t.commit) == t.commit:
+            return False
+        self._tasks[task] = self._load_task(task, t.key)
+        return True
+
+    def _read_region_once(self, task: str, name: str, region: Region, bias_corrected: bool) -> torch.Tensor:
         self._finalize_closing()
         t = self._task(task)
         p = self._param(task, name)
@@ -711,14 +873,30 @@ class FisherStore:
         except FisherStoreError:
             raise
         except Exception as e:  # the libraries raise assorted types for bad chunks
-            coords = _chunk_coords(region, p.chunks)
+            coords = self._bad_chunks(p, gen, region, e)
             raise CorruptChunkError(
-                f"cannot read task {t.name!r}, parameter {p.name!r}, chunk(s) {coords} "
+                f"cannot read task {t.name!r}, parameter {p.name!r}, chunk {', '.join(map(str, coords))} "
                 f"(generation {gen}): {type(e).__name__}: {e}. The chunk file is damaged or "
                 "missing; run `fisherstore verify` to list every bad chunk."
             ) from e
         # torch.from_numpy needs a writeable, contiguous float32 buffer; copy only if not.
         return np.require(data, np.float32, ["C", "W"])
+
+    def _bad_chunks(self, p: _Param, gen: int, region: Region, err: Exception) -> list[tuple[int, ...]]:
+        """The grid coordinates of the chunks of ``region`` that fail to read (error path only)."""
+        if getattr(err, "chunk", None) is not None:
+            return [err.chunk]
+        coords = _chunk_coords(region, p.chunks)
+        if len(coords) == 1:
+            return coords
+        bad = []
+        for c in coords:  # the libraries don't say which chunk failed: ask each one
+            sub = tuple(slice(i * n, min((i + 1) * n, size)) for i, n, size in zip(c, p.chunks, p.shape))
+            try:
+                self._backend.read(p.gen_key(gen), sub)
+            except Exception:
+                bad.append(c)
+        return bad or coords
 
     # -- lookups and checks -------------------------------------------------------------
     def _check_open(self) -> None:
@@ -750,7 +928,8 @@ class FisherStore:
         self._write_manifest(t)
         self._tasks[task] = t
         self._root.setdefault("tasks", {})[task] = t.key
-        self._backend.write_json("zarr.json", group_doc(ROOT_ATTR, self._root))
+        if self._is_root:
+            self._backend.write_json("zarr.json", group_doc(ROOT_ATTR, self._root))
         return t
 
     def _param(self, task: str, name: str) -> _Param:
@@ -842,6 +1021,11 @@ class StepWriter:
         store = self.store
         store._finalize_closing()
         p = store._param_for_add(self, name, grad_sq, region)
+        if not p.owned:
+            raise StepError(
+                f"parameter {name!r} of task {self.task!r} is written by another rank of the group; "
+                "add it on its owner (check store.owns(task, name))"
+            )
         region = _check_region(p, region)
         x = as_grad_sq(grad_sq, name, _shape(region), store.nonfinite)
         if x is None:

@@ -6,6 +6,7 @@ commit protocol are plain files written here, so both backends commit identicall
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -21,9 +22,18 @@ import crc32c
 import numpy as np
 
 from ..errors import FisherStoreError
+from ..lock import LOCK_NAME
 from .base import ArrayBackend, Region, region_shape
 
 _DIRECT_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+
+
+class ChunkError(OSError):
+    """One chunk file is missing, truncated or fails its checksum; ``chunk`` is its grid index."""
+
+    def __init__(self, err: int, msg: str, path: str, chunk: tuple[int, ...]) -> None:
+        super().__init__(err, msg, path)
+        self.chunk = tuple(chunk)
 
 
 def _libc() -> Any:
@@ -147,14 +157,17 @@ class LocalFSBackend(ArrayBackend):
             path = os.path.join(self._path(key), *rel.split("/"))
             buf = bytearray(4 * n + 4)
             self.chunk_files_read += 1
-            with open(path, "rb") as f:
-                got = f.readinto(buf)
-                extra = f.read(1)
+            try:
+                with open(path, "rb") as f:
+                    got = f.readinto(buf)
+                    extra = f.read(1)
+            except FileNotFoundError:
+                raise ChunkError(errno.ENOENT, f"chunk file {rel} of {key!r} is missing", path, idx) from None
             if got != len(buf) or extra:
-                raise OSError(errno.EIO, f"chunk {rel} of {key!r} is truncated or padded "
-                                         f"({got + len(extra)} bytes, expected {len(buf)})", path)
+                raise ChunkError(errno.EIO, f"chunk {rel} of {key!r} is truncated or padded "
+                                            f"({got + len(extra)} bytes, expected {len(buf)})", path, idx)
             if crc32c.crc32c(memoryview(buf)[:-4]) != int.from_bytes(buf[-4:], "little"):
-                raise OSError(errno.EIO, f"chunk {rel} of {key!r} failed its crc32c checksum", path)
+                raise ChunkError(errno.EIO, f"chunk {rel} of {key!r} failed its crc32c checksum", path, idx)
             arr = np.frombuffer(buf, dtype="<f4", count=n).reshape(chunks)
             src = []
             dst = []
@@ -221,8 +234,17 @@ class LocalFSBackend(ArrayBackend):
     def clear(self) -> None:
         self._check_writable()
         self._forget("")
-        shutil.rmtree(self.root, onerror=_ignore_missing)
         self.ensure_root()
+        for entry in os.scandir(self.root):
+            # The writer's lock file stays: removing a held flock file would let a second
+            # writer lock a fresh one beside it.
+            if entry.name == LOCK_NAME:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, onerror=_ignore_missing)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
     def exists(self) -> bool:
         return os.path.exists(self._path("zarr.json"))

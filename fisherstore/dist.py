@@ -1,0 +1,90 @@
+"""Several processes writing one store: a rank group over ``torch.distributed``.
+
+The rule (DESIGN §7, docs/reliability.md): **each rank owns whole parameters** (and so
+whole chunk files), never parts of a chunk or inner chunks of a shared shard; zarr has no
+shard lock and concurrent inner-chunk writes lose data (zarr-python #3682). Rank 0 holds
+the writer lock and writes every metadata document; the other ranks write only the
+generation arrays of the parameters they own. A flush is collective: every rank writes
+and syncs its data, the manifest entries are gathered to rank 0, rank 0 commits, and only
+then does any rank delete what the commit superseded.
+
+Usage (every rank runs the same code)::
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    group = fisherstore.RankGroup.from_torch()
+    with fisherstore.open("fisher.zarr", mode="a", group=group) as store:
+        for name, shape in params.items():          # collective: same calls on every rank
+            store.create("t", name, shape)
+        with store.begin_step("t") as st:
+            for name in params:
+                if store.owns("t", name):
+                    st.add(name, grad_sq[name])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["RankGroup"]
+
+
+class RankGroup:
+    """Which rank this process is, who owns which parameter, and the collectives to agree.
+
+    Args:
+        rank, world_size: this process's place in the group.
+        process_group: a ``torch.distributed`` group (None: the default group).
+        owner: ``owner(name) -> rank``; default: parameters are dealt round-robin in the
+            order they are created (the same on every rank, since creation is collective).
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        process_group: Any = None,
+        owner: Callable[[str], int] | None = None,
+    ) -> None:
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank!r}, world_size={world_size!r}")
+        self.rank = rank
+        self.world_size = world_size
+        self.process_group = process_group
+        self._owner = owner
+
+    @classmethod
+    def from_torch(cls, process_group: Any = None, owner: Callable[[str], int] | None = None) -> RankGroup:
+        """The group of an initialised ``torch.distributed`` job."""
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised; call dist.init_process_group(...) first")
+        return cls(dist.get_rank(process_group), dist.get_world_size(process_group), process_group, owner)
+
+    def owner_of(self, name: str, index: int) -> int:
+        """The rank that writes parameter ``name`` (the ``index``-th created in its task)."""
+        r = self._owner(name) if self._owner is not None else index % self.world_size
+        if not (isinstance(r, int) and 0 <= r < self.world_size):
+            raise ValueError(f"owner({name!r}) returned {r!r}; it must be a rank in [0, {self.world_size})")
+        return r
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.process_group)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.process_group)
+
+    def __repr__(self) -> str:
+        return f"<RankGroup rank {self.rank} of {self.world_size}>"
