@@ -24,6 +24,7 @@ from .errors import (
     FisherStoreError,
     FormatVersionError,
     HeadIndexError,
+    InvalidArgumentError,
     InvalidGradientError,
     LayoutError,
     NonFiniteGradientError,
@@ -31,6 +32,7 @@ from .errors import (
     PrecisionError,
     ReadOnlyError,
     ShapeMismatchError,
+    SliceError,
     StepError,
     StorageError,
     StoreLockedError,
@@ -96,11 +98,11 @@ def open(  # noqa: A001 - the natural name, as zarr.open and h5py.File
 
     check_state_dtype(dtype)
     if mode not in ("r", "r+", "a", "w"):
-        raise ValueError(f"mode must be 'r', 'r+', 'a' or 'w', got {mode!r}")
+        raise InvalidArgumentError(f"mode must be 'r', 'r+', 'a' or 'w', got {mode!r}")
     codecs = CodecSpec(compression=compression, checksum=checksum, lossy_keepbits=lossy_keepbits)
     if backend != "ram":
         if path is None:
-            raise ValueError(f"backend {backend!r} needs a path; use backend='ram' for an in-memory store")
+            raise InvalidArgumentError(f"backend {backend!r} needs a path; use backend='ram' for an in-memory store")
         path = _os.fspath(path)
         if mode in ("r", "r+") and not _os.path.isdir(path):
             raise NotAFisherStoreError(
@@ -161,5 +163,7 @@ __all__ = [
     "CorruptChunkError",
     "StorageError",
     "StoreLockedError",
+    "InvalidArgumentError",
+    "SliceError",
     "RankGroup",
 ]

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InvalidArgumentError
+
 __all__ = ["CodecSpec"]
 
 COMPRESSIONS = (None, "blosc-lz4", "blosc-zstd", "zstd")
@@ -41,11 +43,11 @@ class CodecSpec:
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
+            raise InvalidArgumentError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         if self.lossy_keepbits is not None:
             k = self.lossy_keepbits
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 22:
-                raise ValueError(f"lossy_keepbits must be an int in 1..22 (float32 has 23), got {k!r}")
+                raise InvalidArgumentError(f"lossy_keepbits must be an int in 1..22 (float32 has 23), got {k!r}")
             if self.compression is None:
                 object.__setattr__(self, "compression", "blosc-lz4")
 

@@ -26,7 +26,13 @@ import math
 import numpy as np
 import torch
 
-from .errors import InvalidGradientError, NonFiniteGradientError, PrecisionError, ShapeMismatchError
+from .errors import (
+    InvalidArgumentError,
+    InvalidGradientError,
+    NonFiniteGradientError,
+    PrecisionError,
+    ShapeMismatchError,
+)
 
 __all__ = [
     "STATE_DTYPE",
@@ -52,9 +58,9 @@ def validate_decay(beta: float, name: str = "decay") -> float:
     try:
         b = float(beta)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in (0, 1), got {beta!r}") from None
+        raise InvalidArgumentError(f"{name} must be a number in (0, 1), got {beta!r}") from None
     if not (0.0 < b < 1.0) or math.isnan(b):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name} must satisfy 0 < {name} < 1 (0.99 is usual), got {beta!r}: "
             "at 0 the EMA forgets everything and at 1 it never learns"
         )
@@ -85,7 +91,7 @@ def check_state_dtype(dtype: object) -> None:
 def decay_factor(beta: float, steps: int) -> float:
     """``β^steps`` in float64 (exact enough for any step count)."""
     if steps < 0:
-        raise ValueError(f"cannot decay backwards in time (steps={steps})")
+        raise InvalidArgumentError(f"cannot decay backwards in time (steps={steps})")
     return beta**steps
 
 
@@ -148,7 +154,7 @@ def as_grad_sq(
         ShapeMismatchError: the shape differs from ``shape``.
     """
     if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        raise InvalidArgumentError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     if isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.floating):
             raise InvalidGradientError(

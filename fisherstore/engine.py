@@ -22,6 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import InvalidArgumentError
+
 __all__ = ["MemoryPlan", "IOPool", "bound_allocator"]
 
 MiB = 1 << 20
@@ -52,7 +54,7 @@ class MemoryPlan:
     @classmethod
     def from_budget(cls, total: int, workers: int = 2) -> MemoryPlan:
         if total < 0:
-            raise ValueError(f"memory_budget must be >= 0 bytes, got {total}")
+            raise InvalidArgumentError(f"memory_budget must be >= 0 bytes, got {total}")
         slab = max(MIN_SLAB, min(MAX_SLAB, total // 16))
         if total < 8 * MIN_SLAB:  # tiny budgets: one worker, chunk-sized slabs
             workers, slab = 1, 0

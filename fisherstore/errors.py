@@ -27,6 +27,8 @@ __all__ = [
     "CorruptChunkError",
     "StorageError",
     "StoreLockedError",
+    "InvalidArgumentError",
+    "SliceError",
 ]
 
 
@@ -91,6 +93,14 @@ class StepError(FisherStoreError, RuntimeError):
 
 class CorruptChunkError(FisherStoreError, OSError):
     """A chunk on disk failed its checksum or could not be decoded."""
+
+
+class InvalidArgumentError(FisherStoreError, ValueError, TypeError):
+    """An argument to the public API is of the wrong type or out of its range."""
+
+
+class SliceError(FisherStoreError, IndexError):
+    """A slice or index of a LazyFisher is out of range or malformed."""
 
 
 class StorageError(FisherStoreError, OSError):

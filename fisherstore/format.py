@@ -18,7 +18,7 @@ import re
 from typing import Any
 from urllib.parse import quote
 
-from .errors import FormatVersionError, NotAFisherStoreError
+from .errors import FormatVersionError, InvalidArgumentError, NotAFisherStoreError
 
 #: Bumped on any change an older reader would misread.
 FORMAT_VERSION = 1
@@ -38,14 +38,14 @@ def encode_name(name: str, what: str = "name") -> str:
     escaped.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{what} must be a non-empty string, got {name!r}")
+        raise InvalidArgumentError(f"{what} must be a non-empty string, got {name!r}")
     if "\x00" in name:
-        raise ValueError(f"{what} {name!r} contains a NUL character")
+        raise InvalidArgumentError(f"{what} {name!r} contains a NUL character")
     seg = quote(name, safe="._-~+=,@")
     if seg in (".", "..") or seg.startswith("__") or seg.startswith("g") and _GEN_RE.match(seg):
         seg = "%" + format(ord(seg[0]), "02X") + seg[1:]
     if len(seg.encode()) > 240:
-        raise ValueError(f"{what} {name[:40]!r}... is too long to store ({len(seg)} bytes encoded; max 240)")
+        raise InvalidArgumentError(f"{what} {name[:40]!r}... is too long to store ({len(seg)} bytes encoded; max 240)")
     return seg
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .errors import InvalidArgumentError, SliceError
 from .layout import ParamLayout
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ class LazyFisher:
 
     def __len__(self) -> int:
         if not self.ndim:
-            raise TypeError("len() of a 0-d LazyFisher")
+            raise InvalidArgumentError("len() of a 0-d LazyFisher")
         return self.shape[0]
 
     # -- lazy conversions ---------------------------------------------------------------
@@ -113,7 +114,7 @@ class LazyFisher:
         dtype, device = kwargs.pop("dtype", None), kwargs.pop("device", None)
         kwargs.pop("non_blocking", None), kwargs.pop("copy", None), kwargs.pop("memory_format", None)
         if kwargs:
-            raise TypeError(f"LazyFisher.to() got unexpected arguments {sorted(kwargs)}")
+            raise InvalidArgumentError(f"LazyFisher.to() got unexpected arguments {sorted(kwargs)}")
         for a in args:
             if isinstance(a, torch.dtype):
                 dtype = a
@@ -122,7 +123,7 @@ class LazyFisher:
             elif isinstance(a, torch.Tensor):
                 dtype, device = a.dtype, a.device
             else:
-                raise TypeError(f"LazyFisher.to() cannot take {a!r}")
+                raise InvalidArgumentError(f"LazyFisher.to() cannot take {a!r}")
         return self._view(dtype, device)
 
     def float(self) -> LazyFisher:
@@ -229,12 +230,12 @@ def _normalize(key: Any, shape: tuple[int, ...], name: str):
         key = (key,)
     n_ell = sum(k is Ellipsis for k in key)
     if n_ell > 1:
-        raise IndexError("an index can only have a single ellipsis ('...')")
+        raise SliceError("an index can only have a single ellipsis ('...')")
     if n_ell:
         i = next(j for j, k in enumerate(key) if k is Ellipsis)
         key = key[:i] + (slice(None),) * (ndim - len(key) + 1) + key[i + 1 :]
     if len(key) > ndim:
-        raise IndexError(f"too many indices for {name!r}: it is {ndim}-D (shape {shape}) but {len(key)} were given")
+        raise SliceError(f"too many indices for {name!r}: it is {ndim}-D (shape {shape}) but {len(key)} were given")
     key = key + (slice(None),) * (ndim - len(key))
     region, flips, squeeze, out_shape = [], [], [], []
     for dim, (k, n) in enumerate(zip(key, shape)):
@@ -243,7 +244,7 @@ def _normalize(key: Any, shape: tuple[int, ...], name: str):
         if isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_)):
             i = int(k)
             if not -n <= i < n:
-                raise IndexError(f"index {i} is out of range for dimension {dim} of {name!r}, which has size {n}")
+                raise SliceError(f"index {i} is out of range for dimension {dim} of {name!r}, which has size {n}")
             i %= n
             region.append(slice(i, i + 1, 1))
             squeeze.append(dim)
@@ -259,7 +260,7 @@ def _normalize(key: Any, shape: tuple[int, ...], name: str):
                 region.append(slice(r[-1], r[0] + 1, -step))
                 flips.append(dim)
         else:
-            raise TypeError(
+            raise InvalidArgumentError(
                 f"LazyFisher indices must be ints, slices or '...', got {type(k).__name__}; "
                 "call .load() first for advanced indexing"
             )

@@ -53,6 +53,7 @@ from .engine import IOPool, MemoryPlan, bound_allocator, wait_all
 from .errors import (
     CorruptChunkError,
     FisherStoreError,
+    InvalidArgumentError,
     LayoutError,
     NotAFisherStoreError,
     ReadOnlyError,
@@ -186,15 +187,15 @@ class FisherStore:
         group: RankGroup | None = None,
     ) -> None:
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
         if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+            raise InvalidArgumentError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if flush_every is not None and (not isinstance(flush_every, int) or flush_every < 1):
-            raise ValueError(f"flush_every must be a positive int or None, got {flush_every!r}")
+            raise InvalidArgumentError(f"flush_every must be a positive int or None, got {flush_every!r}")
         if memory_budget is None:
             memory_budget = 0 if not backend.persistent else DEFAULT_MEMORY_BUDGET
         if not isinstance(memory_budget, int) or memory_budget < 0:
-            raise ValueError(f"memory_budget must be a non-negative number of bytes, got {memory_budget!r}")
+            raise InvalidArgumentError(f"memory_budget must be a non-negative number of bytes, got {memory_budget!r}")
         self._backend = backend
         self.mode = mode
         self.decay = validate_decay(decay)
@@ -332,6 +333,7 @@ class FisherStore:
     def _remove_orphans(self) -> None:
         """Delete what a crashed writer left: uncommitted generations and unlisted nodes."""
         be = self._backend
+        be.remove_temp_files()
         known_tasks = {t.key: t for t in self._tasks.values()}
         for tkey in be.list(""):
             task = known_tasks.get(tkey)
@@ -459,7 +461,7 @@ class FisherStore:
         self._finalize_closing()
         t = self._task(task)
         if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+            raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if estimator is not None:
             t.info["estimator"] = estimator
         if model is not None:
@@ -583,7 +585,7 @@ class FisherStore:
                 "`with` block) before starting another"
             )
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0):
-            raise ValueError(f"tokens must be a positive int (the token count T) or None, got {tokens!r}")
+            raise InvalidArgumentError(f"tokens must be a positive int (the token count T) or None, got {tokens!r}")
         t = self._task(task, create=layouts is not None)
         st = StepWriter(self, t, tokens, dict(layouts or {}))
         self._active_step = st
@@ -691,14 +693,14 @@ class FisherStore:
         """Turn an OS error from the disk into one that says what was needed and what is kept."""
         if not isinstance(err, OSError) or isinstance(err, FisherStoreError):
             return err
-        where = err.filename or self.path
+        where = f" writing {err.filename!r}" if err.filename else ""
         free = ""
         with contextlib.suppress(OSError, TypeError):
             free = f", and {_human(shutil.disk_usage(self.path).free)} is free there"
         at = ", ".join(f"task {t.name!r} at step {t.committed_step}" for t in tasks)
         return StorageError(
             err.errno,
-            f"{what} of {self.path!r} failed writing {where!r}: {err.strerror or err}. It needed "
+            f"{what} of {self.path!r} failed{where}: {err.strerror or err}. It needed "
             f"{_human(needed)} ({needed} bytes) for new generations{free}. The store stays at its last "
             f"commit ({at}) and the steps since are kept in RAM: free space (or fix the device) and call "
             "flush() again.",
@@ -884,13 +886,11 @@ class FisherStore:
 
     def _bad_chunks(self, p: _Param, gen: int, region: Region, err: Exception) -> list[tuple[int, ...]]:
         """The grid coordinates of the chunks of ``region`` that fail to read (error path only)."""
-        if getattr(err, "chunk", None) is not None:
-            return [err.chunk]
         coords = _chunk_coords(region, p.chunks)
         if len(coords) == 1:
             return coords
         bad = []
-        for c in coords:  # the libraries don't say which chunk failed: ask each one
+        for c in coords:  # name every bad chunk of the read, not only the first one hit
             sub = tuple(slice(i * n, min((i + 1) * n, size)) for i, n, size in zip(c, p.chunks, p.shape))
             try:
                 self._backend.read(p.gen_key(gen), sub)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..codecs import CodecSpec
+from ..errors import InvalidArgumentError
 from .base import ArrayBackend
 
 BACKENDS = ("zarr", "tensorstore", "ram")
@@ -19,7 +20,7 @@ def make_backend(name: str, root: str | None, *, read_only: bool, codecs: CodecS
     elif name == "ram":
         from .ram import RamBackend as cls
     else:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+        raise InvalidArgumentError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     return cls(root, read_only=read_only, codecs=codecs, **options)
 
 

@@ -82,6 +82,9 @@ class ArrayBackend(abc.ABC):
         """Bytes stored under ``key`` (only chunk data with ``chunks_only``; 0 without a disk)."""
         return 0
 
+    def remove_temp_files(self) -> None:  # noqa: B027 - nothing to remove without a disk
+        """Delete the temp files of document writes a crash interrupted (writer only)."""
+
     def sync(self) -> None:  # noqa: B027 - a no-op is right for non-persistent backends
         """Make everything written so far durable."""
 

@@ -249,6 +249,23 @@ class LocalFSBackend(ArrayBackend):
     def exists(self) -> bool:
         return os.path.exists(self._path("zarr.json"))
 
+    def remove_temp_files(self) -> None:
+        # Documents live in the root, task and parameter directories; temp files inside
+        # generations go with the uncommitted generations that hold them.
+        self._check_writable()
+        dirs = [self.root]
+        for depth in range(3):
+            nxt = []
+            for d in dirs:
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    for e in os.scandir(d):
+                        if e.name.endswith(".partial") and e.is_file(follow_symlinks=False):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(e.path)
+                        elif depth < 2 and e.is_dir(follow_symlinks=False):
+                            nxt.append(e.path)
+            dirs = nxt
+
     def sync(self) -> None:
         if not self.read_only and os.path.isdir(self.root):
             syncfs(self.root)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -49,7 +51,8 @@ class TensorStoreBackend(LocalFSBackend):
             # Write every chunk, zeros included (as the zarr backend does).
             "store_data_equal_to_fill_value": True,
         }
-        self._arrays[key] = ts.open(spec, create=True, context=self._ctx).result()
+        with _os_errors():
+            self._arrays[key] = ts.open(spec, create=True, context=self._ctx).result()
 
     def _array(self, key: str) -> ts.TensorStore:
         arr = self._arrays.get(key)
@@ -64,7 +67,8 @@ class TensorStoreBackend(LocalFSBackend):
 
     def write(self, key: str, region: Region, data: np.ndarray) -> None:
         self._check_writable()
-        self._array(key)[region].write(self.codecs.pre_encode(data)).result()
+        with _os_errors():
+            self._array(key)[region].write(self.codecs.pre_encode(data)).result()
 
     def _forget(self, key: str) -> None:
         super()._forget(key)
@@ -74,3 +78,21 @@ class TensorStoreBackend(LocalFSBackend):
 
     def close(self) -> None:
         self._arrays.clear()
+
+
+_OS_CODE = re.compile(r"os_error_code='(\d+)'")
+_OS_PATH = re.compile(r'local file "([^"]+)"')
+
+
+@contextmanager
+def _os_errors() -> Iterator[None]:
+    """TensorStore reports a full disk as ``ValueError: RESOURCE_EXHAUSTED ... os_error_code='28'``;
+    re-raise OS-level failures as ``OSError`` so the store handles both backends alike."""
+    try:
+        yield
+    except ValueError as e:
+        code = _OS_CODE.search(str(e))
+        if code is None:
+            raise
+        path = _OS_PATH.search(str(e))
+        raise OSError(int(code.group(1)), str(e), path.group(1) if path else None) from e
