@@ -102,7 +102,9 @@ class FisherCollector:
         estimator: ``"micro_batch"`` (default) or ``"batch"``; see the module docstring.
         flush_every: flush the store every N steps (default: on ``flush()``/``close()``).
         mode: how to open ``path``: ``"a"`` (default, continue or create) or ``"w"`` (replace).
-        **store_options: passed to :func:`fisherstore.open`.
+        **store_options: passed to :func:`fisherstore.open`, e.g. ``group=RankGroup.from_torch()``
+            to have each rank of a ``torch.distributed`` job write the parameters it owns
+            (its group view then holds only those).
     """
 
     def __init__(
@@ -195,6 +197,11 @@ class FisherCollector:
         new_task = task not in self.store.tasks()
         if self.reduction == "group":
             self._task_groups(task)  # after a reopen, rebuild the group view before this step
+        # Create in model order before any hook fires: under a rank group, creation is
+        # collective and decides which rank owns which parameter.
+        for n in tracked:
+            self.store.create(task, n, tuple(named[n].shape), layouts[n])
+        owned = {n for n in tracked if self.store.owns(task, n)}
         model.eval()
         try:
             with self.store.begin_step(task, tokens=T, layouts={n: layouts[n] for n in tracked}) as st:
@@ -203,6 +210,9 @@ class FisherCollector:
                     def hook(p: torch.Tensor) -> None:
                         if self.estimator == "batch" and not state["last"]:
                             return  # the batch estimator squares the summed gradient
+                        if name not in owned:  # another rank of the group writes it
+                            p.grad = None
+                            return
                         x = p.grad.detach().float().square()
                         st.add(name, x)
                         if self.reduction == "group":

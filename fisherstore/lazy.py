@@ -249,7 +249,14 @@ def _normalize(key: Any, shape: tuple[int, ...], name: str):
             region.append(slice(i, i + 1, 1))
             squeeze.append(dim)
         elif isinstance(k, slice):
-            start, stop, step = k.indices(n)  # raises ValueError for step 0
+            if k.step == 0:
+                raise SliceError(f"slice step cannot be zero (dimension {dim} of {name!r})")
+            try:
+                start, stop, step = k.indices(n)
+            except TypeError:
+                raise InvalidArgumentError(
+                    f"slice bounds must be ints or None, got {k!r} for dimension {dim} of {name!r}"
+                ) from None
             r = range(start, stop, step)
             out_shape.append(len(r))
             if not len(r):
