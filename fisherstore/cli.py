@@ -21,8 +21,7 @@ import time
 from typing import Any
 
 from . import __version__
-from .errors import FisherStoreError
-from .errors import human_bytes as _human
+from .errors import FisherStoreError, human_bytes
 
 
 # -- info ------------------------------------------------------------------------------
@@ -76,7 +75,7 @@ def _print_info(info: dict[str, Any]) -> None:
     ratio = info["compression_ratio"]
     print(f"{info['path']}  (format {info['format_version']}, {info['written_by']})")
     print(f"  codecs: {info['codecs']}")
-    print(f"  {_human(info['bytes'])} of fp32 state, {_human(info['bytes_on_disk'])} on disk (with metadata)"
+    print(f"  {human_bytes(info['bytes'])} of fp32 state, {human_bytes(info['bytes_on_disk'])} on disk (with metadata)"
           + (f", chunk compression {ratio:.3f}x" if ratio else ""))
     for task, t in info["tasks"].items():
         print(f"  task {task!r}: step {t['step']}, {t['tokens_seen']} tokens, estimator {t['estimator']}, "
@@ -84,7 +83,7 @@ def _print_info(info: dict[str, Any]) -> None:
         for name, p in t["params"].items():
             kind = (p["layout"] or {}).get("kind", "-")
             print(f"    {name:50s} {kind:5s} {str(tuple(p['shape'])):16s} chunks {str(tuple(p['chunks'])):14s} "
-                  f"{_human(p['chunk_bytes_on_disk']):>10s}")
+                  f"{human_bytes(p['chunk_bytes_on_disk']):>10s}")
 
 
 # -- demo ------------------------------------------------------------------------------
@@ -161,7 +160,7 @@ def run_demo(out: str | None = None, backend: str = "zarr", steps: int = 3, quie
 # -- verify / unlock -------------------------------------------------------------------
 def _print_verify(rep: Any) -> None:
     print(f"{rep.path}: {'clean' if rep.ok else f'{len(rep.problems)} problem(s)'} "
-          f"({rep.chunks_checked} chunks, {_human(rep.bytes_checked)} checked)")
+          f"({rep.chunks_checked} chunks, {human_bytes(rep.bytes_checked)} checked)")
     for f in rep.problems:
         print(f"  PROBLEM {f.kind}: {f.message}")
     for f in rep.rolled_back:

@@ -63,10 +63,8 @@ from .errors import (
     UnknownParamError,
     UnknownTaskError,
     close_matches,
+    human_bytes,
     listing,
-)
-from .errors import (
-    human_bytes as _human,
 )
 from .format import (
     ESTIMATORS,
@@ -606,7 +604,7 @@ class FisherStore:
             raise cls(
                 *args,
                 f"step {st.t} of task {st.task!r} failed while writing in the background "
-                f"({type(exc).__name__}: {exc}); it needed {_human(needed)} for the new generations of its "
+                f"({type(exc).__name__}: {exc}); it needed {human_bytes(needed)} for the new generations of its "
                 f"streamed parameters. The step was discarded whole and the task stays at step "
                 f"{st.task_state.step}. Fix the cause (disk space, permissions) and repeat the step.",
             ) from exc
@@ -696,12 +694,12 @@ class FisherStore:
         where = f" writing {err.filename!r}" if err.filename else ""
         free = ""
         with contextlib.suppress(OSError, TypeError):
-            free = f", and {_human(shutil.disk_usage(self.path).free)} is free there"
+            free = f", and {human_bytes(shutil.disk_usage(self.path).free)} is free there"
         at = ", ".join(f"task {t.name!r} at step {t.committed_step}" for t in tasks)
         return StorageError(
             err.errno,
             f"{what} of {self.path!r} failed{where}: {err.strerror or err}. It needed "
-            f"{_human(needed)} ({needed} bytes) for new generations{free}. The store stays at its last "
+            f"{human_bytes(needed)} ({needed} bytes) for new generations{free}. The store stays at its last "
             f"commit ({at}) and the steps since are kept in RAM: free space (or fix the device) and call "
             "flush() again.",
         )
