@@ -273,9 +273,8 @@ def read_benchmarks(spec, params, kind, path, _flush, store) -> dict[str, Any]:
         n_bytes = 0
         t0 = time.perf_counter()
         with fisherstore.open(path, mode="r", backend=kind) as r:
-            for p in params:
-                for _h, _b, blk in r.fisher("bench", p.name).iter_heads():
-                    n_bytes += blk.numel() * 4
+            for _name, _h, _b, blk in r.iter_heads("bench"):  # one read-ahead window over every parameter
+                n_bytes += blk.numel() * 4
         dt = time.perf_counter() - t0
         out["phase6_sweep"] = {"bytes": n_bytes, "seconds": dt, "GBps": n_bytes / dt / 1e9}
     return out
@@ -458,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm", action="store_true", help="don't drop the page cache before each timed step")
     ap.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default: a temp dir)")
     ap.add_argument("--out", default="benchmarks/results/disk_vs_ram", help="write OUT.json, OUT.md, OUT.png")
-    ap.add_argument("--only", default=None, help="run only competitors whose workload/competitor contains this")
+    ap.add_argument("--only", default=None,
+                    help="run only the runs whose 'workload/competitor/label' contains this (e.g. 'resident')")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per competitor before giving up")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(ceil), flush=True)
         results = []
         for spec in plan(args):
-            if args.only and args.only not in f"{spec['workload']}/{spec['competitor']}":
+            if args.only and args.only not in f"{spec['workload']}/{spec['competitor']}/{spec.get('label', '')}":
                 continue
             need = state_bytes(workload(spec["workload"], spec.get("layers")))
             if spec["competitor"] == "ram" and need + 1 * GiB > mem_available():

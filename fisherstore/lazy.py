@@ -14,16 +14,13 @@ Usage::
 
 from __future__ import annotations
 
-import itertools
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .errors import InvalidArgumentError, SliceError
+from .errors import HeadIndexError, InvalidArgumentError, SliceError
 from .layout import ParamLayout
 
 if TYPE_CHECKING:
@@ -156,8 +153,6 @@ class LazyFisher:
         """
         layout = self.layout
         if layout is None:
-            from .errors import HeadIndexError
-
             raise HeadIndexError(
                 f"parameter {self.name!r} of task {self.task!r} has no head layout; slice it "
                 "directly, or create it with a ParamLayout"
@@ -168,28 +163,12 @@ class LazyFisher:
         """Yield ``(head, block, tensor)`` for every distinct head block, reading ahead.
 
         K and V blocks are yielded once per key/value head (``head`` is the first query
-        head of its group). Up to ``2 * workers`` blocks are in flight, so a sweep over
-        a model's heads keeps the disk busy instead of waiting on each read.
+        head of its group). See :meth:`FisherStore.iter_heads` to sweep many parameters
+        with one read-ahead window.
         """
-        layout = self.layout
-        if layout is None:
-            from .errors import HeadIndexError
-
-            raise HeadIndexError(f"parameter {self.name!r} of task {self.task!r} has no head layout")
-        blocks = [block.upper()] if block else list(layout.blocks)
-        todo = [(h, b) for b in blocks for h in range(0, layout.num_heads, layout.group_size if b in "KV" else 1)]
-        self._store._finalize_closing()
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fisherstore-read") as ex:
-            pending: deque = deque()
-            it = iter(todo)
-            for h, b in itertools.islice(it, 2 * workers):
-                pending.append((h, b, ex.submit(self.head, h, b)))
-            while pending:
-                h, b, fut = pending.popleft()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append((*nxt, ex.submit(self.head, *nxt)))
-                yield h, b, fut.result()
+        for _name, h, b, t in self._store.iter_heads(self.task, [self.name], block, workers,
+                                                     bias_corrected=self.bias_corrected):
+            yield h, b, self._finish(t)
 
     def load(self) -> torch.Tensor:
         """The whole tensor, read into RAM."""

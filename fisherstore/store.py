@@ -25,11 +25,13 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import shutil
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +55,7 @@ from .engine import IOPool, MemoryPlan, bound_allocator, wait_all
 from .errors import (
     CorruptChunkError,
     FisherStoreError,
+    HeadIndexError,
     InvalidArgumentError,
     LayoutError,
     NotAFisherStoreError,
@@ -310,13 +313,19 @@ class FisherStore:
             commit=body.get("commit", 0),
             info={k: body.get(k) for k in ("estimator", "model", "user") if body.get(k) is not None},
         )
+        layouts: dict[str, ParamLayout] = {}  # a model has a handful of distinct layouts: parse each once
         for pname, e in body.get("params", {}).items():
+            lay = e.get("layout")
+            if lay:
+                k = repr(sorted(lay.items()))
+                if k not in layouts:
+                    layouts[k] = ParamLayout.from_dict(lay)
             p = _Param(
                 name=pname,
                 key=e["key"],
                 shape=tuple(e["shape"]),
                 chunks=tuple(e["chunks"]),
-                layout=ParamLayout.from_dict(e["layout"]) if e.get("layout") else None,
+                layout=layouts[k] if lay else None,
                 decay=e["decay"],
                 gen=e.get("generation"),
                 t_last=e.get("t_last", 0),
@@ -535,7 +544,7 @@ class FisherStore:
         # The resident set is fixed at creation: the access pattern is cyclic (every
         # parameter every step), where LRU eviction would thrash (DESIGN §6b). A resident
         # parameter costs its accumulator plus one step's staging.
-        if not p.owned:
+        if not p.owned or not self.writable:
             return
         cost = 2 * p.nbytes
         if self._resident_bytes + cost <= self.plan.resident_bytes:
@@ -615,14 +624,28 @@ class FisherStore:
         for name, entries in st.staged.items():
             p = t.params[name]
             first = _wait_host(entries[0][1])
+            fresh = p.a_last is None  # the accumulator holds nothing (new, or folded by a flush)
             if p.acc is None:
-                p.acc = torch.zeros(p.shape, dtype=torch.float32, device=first.device)
-            elif p.a_last is None:
-                p.acc.zero_()
-            if p.a_last is not None and st.t != p.a_last:
-                p.acc.mul_(decay_factor(p.decay, st.t - p.a_last))
-            for region, x, alpha in entries:
-                p.acc[region].add_(_wait_host(x), alpha=alpha)
+                p.acc = torch.empty(p.shape, dtype=torch.float32, device=first.device)
+            f = 0.0 if fresh else decay_factor(p.decay, st.t - p.a_last)
+            if _tiles_once(p, entries):
+                # Decay and add one region at a time, so the second pass over a slab hits
+                # the cache: half the memory traffic of decaying the whole tensor first.
+                for region, x, alpha in entries:
+                    a = p.acc[region]
+                    if fresh:
+                        torch.mul(_wait_host(x), alpha, out=a)
+                    else:
+                        if f != 1.0:
+                            a.mul_(f)
+                        a.add_(_wait_host(x), alpha=alpha)
+            else:  # overlapping or partial regions: decay everything, then add each
+                if fresh:
+                    p.acc.zero_()
+                elif f != 1.0:
+                    p.acc.mul_(f)
+                for region, x, alpha in entries:
+                    p.acc[region].add_(_wait_host(x), alpha=alpha)
             p.a_last = st.t
         for name, gen in st.streamed.items():
             p = t.params[name]
@@ -776,8 +799,7 @@ class FisherStore:
                 self._backend.delete(p.gen_key(new))
             raise
         for p, _ in written:
-            p.acc.zero_()
-            p.a_last = None
+            p.a_last = None  # the accumulator is spent; the next step overwrites it
         for p in t.params.values():
             for g in p.superseded:
                 self._backend.delete(p.gen_key(g))
@@ -830,6 +852,50 @@ class FisherStore:
 
         self._param(task, name)
         return LazyFisher(self, task, name, bias_corrected=bias_corrected)
+
+    def iter_heads(
+        self,
+        task: str,
+        names: Sequence[str] | None = None,
+        block: str | None = None,
+        workers: int = 4,
+        *,
+        bias_corrected: bool = True,
+    ) -> Iterator[tuple[str, int, str, torch.Tensor]]:
+        """Yield ``(param, head, block, tensor)`` for every distinct head block, reading ahead.
+
+        The Phase-6 sweep: ``for name, h, b, blk in store.iter_heads("math"): ...`` over
+        every attention parameter with a head layout (or ``names``). K and V blocks come
+        once per key/value head (``head`` is the first query head of its group). Up to
+        ``2 * workers`` block reads are in flight across parameter boundaries, so the disk
+        never waits on the caller.
+        """
+        from .lazy import LazyFisher
+
+        t = self._task(task)
+        if names is None:
+            names = [n for n, p in t.params.items() if p.layout is not None and p.layout.has_heads]
+        todo = []
+        for name in names:
+            layout = self._param(task, name).layout
+            if layout is None or not layout.has_heads:
+                raise HeadIndexError(f"parameter {name!r} of task {task!r} has no head layout")
+            for b in [block.upper()] if block else list(layout.blocks):
+                step = layout.group_size if b in "KV" else 1
+                todo += [(name, h, b) for h in range(0, layout.num_heads, step)]
+        self._finalize_closing()
+        views = {n: LazyFisher(self, task, n, bias_corrected=bias_corrected) for n in names}
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fisherstore-read") as ex:
+            pending: deque = deque()
+            it = iter(todo)
+            for name, h, b in itertools.islice(it, 2 * workers):
+                pending.append((name, h, b, ex.submit(views[name].head, h, b)))
+            while pending:
+                name, h, b, fut = pending.popleft()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((*nxt, ex.submit(views[nxt[0]].head, nxt[1], nxt[2])))
+                yield name, h, b, fut.result()
 
     def _read_region(self, task: str, name: str, region: Region, bias_corrected: bool) -> torch.Tensor:
         """The EMA value of ``region`` at the task's current step, as fp32."""
@@ -1150,6 +1216,19 @@ def _runs(cov: np.ndarray, a: int, b: int) -> list[tuple[bool, int, int]]:
         runs.append((bool(cov[i]), i, j))
         i = j
     return runs
+
+
+def _tiles_once(p: _Param, entries: list[tuple[Region, Any, float]]) -> bool:
+    """Whether the regions of one step's contributions cover ``p`` exactly once."""
+    if not p.shape:
+        return len(entries) == 1
+    ax = split_axis(p.shape, p.chunks)
+    pos = 0
+    for s in sorted(r[ax].start for r, _, _ in entries):
+        if s != pos:
+            return False
+        pos = next(r[ax].stop for r, _, _ in entries if r[ax].start == s)
+    return pos == p.shape[ax]
 
 
 def _check_region(p: _Param, region: Any) -> Region:

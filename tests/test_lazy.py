@@ -165,3 +165,22 @@ def test_iter_heads_yields_every_distinct_block_once(tmp_path):
                                                (0, "V"), (2, "V")]
         for h, b, blk in got:
             assert torch.allclose(blk, x[lay.head_index(h, b, 2)])
+
+
+def test_store_iter_heads_sweeps_every_head_parameter_in_order(tmp_path):
+    with fisherstore.open(tmp_path / "s", mode="w") as s:
+        layouts = {"q": ParamLayout.attention("q", 4, 2), "o": ParamLayout.attention("o", 4, 2),
+                   "k": ParamLayout.attention("k", 4, 2, num_kv_heads=1)}
+        shapes = {"q": (8, 3), "o": (3, 8), "k": (2, 3)}
+        xs = {n: torch.rand(shapes[n]) for n in layouts}
+        for n in layouts:
+            s.create("t", n, shapes[n], layouts[n])
+        s.create("t", "norm", (3,))  # no heads: not swept
+        s.update("t", {**xs, "norm": torch.ones(3)})
+        got = list(s.iter_heads("t", workers=2))
+        assert [(n, h, b) for n, h, b, _ in got] == (
+            [("q", h, "Q") for h in range(4)] + [("o", h, "O") for h in range(4)] + [("k", 0, "K")])
+        for n, h, b, blk in got:
+            torch.testing.assert_close(blk, xs[n][layouts[n].head_index(h, b, 2)])
+        with pytest.raises(HeadIndexError, match="'norm'.*no head layout"):
+            next(s.iter_heads("t", ["norm"]))
