@@ -501,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                        "wall_seconds": time.perf_counter() - t_start}, f, indent=1)
         with open(args.out + ".md", "w") as f:
             f.write(f"`python -m benchmarks.disk_vs_ram --suite {args.suite}"
-                    + (f" --layers {args.layers}" if args.layers else "") + f" --steps {args.steps}`\n\n" + md + "\n")
+                    + (f" --layers {args.layers}" if args.layers else "") + f" --steps {args.steps}"
+                    + (f" --only {args.only}" if args.only else "") + "`\n\n" + md + "\n")
         try:
             chart(results, ceil, args.out + ".png")
         except ImportError:
