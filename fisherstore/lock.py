@@ -12,6 +12,7 @@ Readers never lock: a reader sees the last commit (see docs/format.md).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -140,10 +141,8 @@ class StoreLock:
             return
         fd, self._fd = self._fd, None
         if self.mode == "pidfile":
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
         else:
             os.ftruncate(fd, 0)  # keep the file: unlinking a flock file races with new lockers
         os.close(fd)
