@@ -31,6 +31,7 @@ from .errors import (
     NotAFisherStoreError,
     PrecisionError,
     ReadOnlyError,
+    RecoveryWarning,
     ShapeMismatchError,
     SliceError,
     StepError,
@@ -165,5 +166,6 @@ __all__ = [
     "StoreLockedError",
     "InvalidArgumentError",
     "SliceError",
+    "RecoveryWarning",
     "RankGroup",
 ]

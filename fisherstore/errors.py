@@ -29,6 +29,7 @@ __all__ = [
     "StoreLockedError",
     "InvalidArgumentError",
     "SliceError",
+    "RecoveryWarning",
 ]
 
 
@@ -105,6 +106,10 @@ class SliceError(FisherStoreError, IndexError):
 
 class StorageError(FisherStoreError, OSError):
     """The disk refused a write (full, I/O error, read-only); the store kept its last commit."""
+
+
+class RecoveryWarning(UserWarning):
+    """A writer opened a store that a crashed writer left, and rolled it back to its last commit."""
 
 
 class StoreLockedError(FisherStoreError, BlockingIOError):

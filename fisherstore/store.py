@@ -29,6 +29,7 @@ import itertools
 import math
 import os
 import shutil
+import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,6 +61,7 @@ from .errors import (
     LayoutError,
     NotAFisherStoreError,
     ReadOnlyError,
+    RecoveryWarning,
     ShapeMismatchError,
     StepError,
     StorageError,
@@ -341,12 +343,14 @@ class FisherStore:
         """Delete what a crashed writer left: uncommitted generations and unlisted nodes."""
         be = self._backend
         be.remove_temp_files()
+        removed: list[str] = []
         known_tasks = {t.key: t for t in self._tasks.values()}
         for tkey in be.list(""):
             task = known_tasks.get(tkey)
             if task is None:
                 if self._is_ours(f"{tkey}/zarr.json", TASK_ATTR):
                     be.delete(tkey)
+                    removed.append(tkey)
                 continue
             known_params = {p.key.rsplit("/", 1)[-1]: p for p in task.params.values()}
             for pkey in be.list(tkey):
@@ -354,11 +358,23 @@ class FisherStore:
                 if p is None:
                     if self._is_ours(f"{tkey}/{pkey}/zarr.json", PARAM_ATTR):
                         be.delete(f"{tkey}/{pkey}")
+                        removed.append(f"{tkey}/{pkey}")
                     continue
                 for child in be.list(p.key):
                     g = parse_gen(child)
                     if g is not None and g != p.gen:
                         be.delete(f"{p.key}/{child}")
+                        removed.append(f"{p.key}/{child}")
+        if removed:
+            prev = self._lock.previous if self._lock is not None else None
+            who = f" (pid {prev.get('pid')} on host {prev.get('host')})" if prev else ""
+            warnings.warn(
+                f"{self.path}: a previous writer{who} stopped without closing the store; its steps after "
+                f"the last flush were rolled back and {len(removed)} uncommitted node(s) removed: "
+                f"{listing(removed, 4)}. Every task is at its last commit.",
+                RecoveryWarning,
+                stacklevel=4,
+            )
 
     def _is_ours(self, key: str, attr: str) -> bool:
         try:

@@ -180,6 +180,8 @@ def test_orphan_generations_are_ignored_by_readers_and_removed_by_writers(tmp_pa
     with fisherstore.open(tmp_path / "s", mode="r") as r:
         assert torch.allclose(r.fisher("t", "a").load(), torch.ones(4, 2))
     assert os.path.isdir(tmp_path / "s" / "t" / "a" / "g00000002")
-    with fisherstore.open(tmp_path / "s", mode="r+") as w:
+    with pytest.warns(fisherstore.RecoveryWarning, match=r"rolled back.*t/a/g00000002"):
+        w = fisherstore.open(tmp_path / "s", mode="r+")
+    with w:
         assert torch.allclose(w.fisher("t", "a").load(), torch.ones(4, 2))
     assert not os.path.exists(tmp_path / "s" / "t" / "a" / "g00000002")

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -109,8 +110,15 @@ def run_kills(ctx, path: str, backend: str, kills: int, seed: int) -> dict[str, 
         step, rolled = check_store(path, backend, ref)
         stats["rolled_back"] += bool(rolled)
         stats["max_step"] = max(stats["max_step"], step)
-    # (d) the next writer removes what the killed ones left
-    cw.open_writer(path, backend).close()
+    # (d) the next writer removes what the killed ones left, and says what it rolled back
+    left = [f.path for f in verify_store(path, backend=backend).rolled_back if f.kind != "temp_file"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cw.open_writer(path, backend).close()
+    recovered = [str(w.message) for w in caught if issubclass(w.category, fisherstore.RecoveryWarning)]
+    assert len(recovered) == bool(left), (left, recovered)
+    if left:
+        assert f"{len(left)} uncommitted node(s)" in recovered[0]
     rep = verify_store(path, backend=backend)
     assert rep.ok and rep.rolled_back == [], rep.rolled_back
     assert not [f for _, _, fs in os.walk(path) for f in fs if f.endswith(".partial")]
