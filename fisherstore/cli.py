@@ -205,18 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="output directory (default: a new temporary directory)")
     d.add_argument("--backend", choices=("zarr", "tensorstore"), default="zarr")
     d.add_argument("--steps", type=int, default=3, help="collect_fisher calls per task (default 3)")
-    i = sub.add_parser("info", help="describe a store", description="Print tasks, parameters, shapes, steps, "
-                                                                     "bytes on disk and compression ratio.")
-    i.add_argument("path")
-    i.add_argument("--json", action="store_true", help="machine-readable output")
-    i.add_argument("--backend", choices=("zarr", "tensorstore"), default="zarr")
-    v = sub.add_parser("verify", help="check every committed chunk of a store",
-                       description="Read every chunk of every committed generation and check its crc32c "
-                                   "checksum; list what an interrupted writer left behind (rolled back). "
-                                   "Exit 0 clean, 1 problems found, 2 usage.")
-    v.add_argument("path")
-    v.add_argument("--json", action="store_true", help="machine-readable output")
-    v.add_argument("--backend", choices=("zarr", "tensorstore"), default="zarr")
+    for name, help_, desc in (
+        ("info", "describe a store", "Print tasks, parameters, shapes, steps, bytes on disk and compression ratio."),
+        ("verify", "check every committed chunk of a store",
+         "Read every chunk of every committed generation and check its crc32c checksum; list what an "
+         "interrupted writer left behind (rolled back). Exit 0 clean, 1 problems found, 2 usage."),
+    ):
+        p = sub.add_parser(name, help=help_, description=desc)
+        p.add_argument("path")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--backend", choices=("zarr", "tensorstore"), default="zarr")
     u = sub.add_parser("unlock", help="remove a stale writer lock",
                        description="Remove the writer lock of a process that is gone (pidfile locks; an "
                                    "flock lock is released by the kernel when its writer dies).")

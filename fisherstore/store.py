@@ -1291,8 +1291,10 @@ def _wait_host(x: Any) -> torch.Tensor:
 
 
 class _NoBar:
+    """The progress bar of a flush too small (or a run too quiet) to show one."""
+
     def update(self, n: int) -> None:
-        pass
+        return None
 
 
 @contextlib.contextmanager
