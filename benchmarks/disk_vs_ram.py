@@ -36,20 +36,21 @@ MiB = 1 << 20
 
 
 # -- measurement helpers --------------------------------------------------------------
-def vm_hwm() -> int:
-    with open("/proc/self/status") as f:
+def proc_kib(path: str, field: str) -> int:
+    """A ``kB`` field of a /proc file (``VmHWM`` of /proc/self/status, ...), in bytes; 0 if absent."""
+    with open(path) as f:
         for line in f:
-            if line.startswith("VmHWM"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def vm_hwm() -> int:
+    return proc_kib("/proc/self/status", "VmHWM")
 
 
 def vm_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_kib("/proc/self/status", "VmRSS")
 
 
 def drop_caches() -> bool:
@@ -64,11 +65,7 @@ def drop_caches() -> bool:
 
 
 def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def du(path: str) -> int:
