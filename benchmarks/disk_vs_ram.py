@@ -168,7 +168,7 @@ def run_competitor(spec: dict[str, Any]) -> dict[str, Any]:
         for p in params:
             store.create("bench", p.name, p.shape, p.layout)
         res["plan"] = store.plan.describe()
-        res["resident_params"] = sum(store._tasks["bench"].params[p.name].resident for p in params)
+        res["resident_params"] = sum(store.param("bench", p.name).resident for p in params)
 
         def step(i: int) -> None:
             with store.begin_step("bench") as st:

@@ -20,14 +20,14 @@ import tempfile
 import time
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .errors import FisherStoreError, human_bytes
 
 
 # -- info ------------------------------------------------------------------------------
 def store_info(path: str, backend: str = "zarr") -> dict[str, Any]:
     """A JSON-ready summary of a store: tasks, parameters, steps, bytes and compression."""
-    from . import open as open_store
+    from .api import open as open_store
 
     with open_store(path, mode="r", backend=backend) as s:
         meta = s.metadata()
@@ -44,8 +44,7 @@ def store_info(path: str, backend: str = "zarr") -> dict[str, Any]:
             params = {}
             for name, p in tm["params"].items():
                 logical = 4 * math.prod(p["shape"])
-                pkey = s._param(task, name).key  # noqa: SLF001 - same package
-                disk = s._backend.nbytes(pkey, chunks_only=True)  # noqa: SLF001
+                disk = s.nbytes_on_disk(task, name, chunks_only=True)
                 params[name] = {
                     "shape": list(p["shape"]),
                     "chunks": list(p["chunks"]),
@@ -66,7 +65,7 @@ def store_info(path: str, backend: str = "zarr") -> dict[str, Any]:
                 "params": params,
             }
         info["bytes"] = total_logical
-        info["bytes_on_disk"] = s._backend.nbytes("")  # noqa: SLF001
+        info["bytes_on_disk"] = s.nbytes_on_disk()
         info["compression_ratio"] = total_logical / total_disk if total_disk else None
     return info
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .api import open as open_store
 from .ema import accumulate_, readout_scale, step_weight
 from .errors import UnknownParamError, UnknownTaskError, close_matches, listing
 from .layout import ParamLayout
@@ -122,8 +123,6 @@ class FisherCollector:
         mode: str = "a",
         **store_options: Any,
     ) -> None:
-        from . import open as open_store
-
         if reduction not in ("group", "param"):
             raise ValueError(f"reduction must be 'group' or 'param', got {reduction!r}")
         if estimator not in ESTIMATORS:
@@ -163,7 +162,7 @@ class FisherCollector:
 
     def __repr__(self) -> str:
         return (
-            f"FisherCollector(backend={self.store.backend!r}, path={self.store.path!r}, "
+            f"FisherCollector(backend={self.store.backend_name!r}, path={self.store.path!r}, "
             f"ema_decay={self.ema_decay}, estimator={self.estimator!r}, tasks={self.store.tasks()})"
         )
 

@@ -1,4 +1,4 @@
-"""Several processes writing one store: a rank group over ``torch.distributed``.
+"""Several processes writing one store: a rank group over ``torch.distributed``, and every collective.
 
 The rule (DESIGN §7, docs/reliability.md): **each rank owns whole parameters** (and so
 whole chunk files), never parts of a chunk or inner chunks of a shared shard; zarr has no
@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+from .errors import FisherStoreError
 
 __all__ = ["RankGroup"]
 
@@ -63,6 +65,16 @@ class RankGroup:
             raise RuntimeError("torch.distributed is not initialised; call dist.init_process_group(...) first")
         return cls(dist.get_rank(process_group), dist.get_world_size(process_group), process_group, owner)
 
+    @classmethod
+    def solo(cls) -> RankGroup:
+        """The group of one process (rank 0 of 1): every collective is local and free."""
+        return cls(0, 1)
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this rank holds the writer lock and writes the metadata documents (rank 0)."""
+        return self.rank == 0
+
     def owner_of(self, name: str, index: int) -> int:
         """The rank that writes parameter ``name`` (the ``index``-th created in its task)."""
         r = self._owner(name) if self._owner is not None else index % self.world_size
@@ -79,6 +91,20 @@ class RankGroup:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.process_group)
         return out
+
+    def agree(self, err: BaseException | None, what: str) -> BaseException | None:
+        """Every rank learns whether any rank failed to do ``what``, so none goes on alone.
+
+        Returns this rank's own error, or an error naming the first rank that failed, or None.
+        """
+        if self.world_size == 1:
+            return err
+        msgs = self.all_gather(None if err is None else f"{type(err).__name__}: {err}")
+        if err is None:
+            bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+            if bad:
+                err = FisherStoreError(f"rank {bad[0][0]} failed to {what} ({bad[0][1]}); nothing was committed")
+        return err
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -25,13 +25,13 @@ Usage::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import HeadIndexError, LayoutError
 
-__all__ = ["BLOCKS", "KINDS", "FUSED_LAYOUTS", "ParamLayout", "chunk_shape", "iter_slabs"]
+__all__ = ["BLOCKS", "KINDS", "FUSED_LAYOUTS", "ParamLayout", "chunk_shape"]
 
 BLOCKS = ("Q", "K", "V", "O")
 #: Parameter kinds. q/k/v/o/qkv carry heads; the rest are chunked by rows.
@@ -283,34 +283,3 @@ def chunk_shape(
     row_bytes = itemsize * math.prod(shape[1:])
     rows = max(1, target_bytes // max(1, row_bytes))
     return (max(1, min(rows, shape[0])),) + tuple(max(1, s) for s in shape[1:])
-
-
-def split_axis(shape: Sequence[int], chunks: Sequence[int]) -> int:
-    """The axis along which ``chunks`` split ``shape`` (0 when nothing is split)."""
-    for ax, (s, c) in enumerate(zip(shape, chunks)):
-        if c < s:
-            return ax
-    return 0
-
-
-def iter_slabs(
-    shape: Sequence[int], chunks: Sequence[int], target_bytes: int = 16 << 20, itemsize: int = 4
-) -> Iterator[tuple[slice, ...]]:
-    """Chunk-aligned slabs of about ``target_bytes`` covering ``shape`` exactly once.
-
-    Streaming a tensor slab by slab bounds the I/O buffer, and keeping slabs aligned
-    to chunks means no chunk is read or written by two slabs.
-    """
-    shape = tuple(shape)
-    if not shape:
-        yield ()
-        return
-    if 0 in shape:
-        return
-    ax = split_axis(shape, chunks)
-    chunk_bytes = itemsize * math.prod(chunks)
-    per = max(1, target_bytes // max(1, chunk_bytes)) * chunks[ax]
-    for start in range(0, shape[ax], per):
-        idx = [slice(None)] * len(shape)
-        idx[ax] = slice(start, min(start + per, shape[ax]))
-        yield tuple(slice(0, shape[i]) if idx[i] == slice(None) else idx[i] for i in range(len(shape)))

@@ -14,8 +14,8 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,20 +23,41 @@ import torch
 from .errors import HeadIndexError, InvalidArgumentError, SliceError
 from .layout import ParamLayout
 
-if TYPE_CHECKING:
-    from .store import FisherStore
+__all__ = ["LazyFisher", "FisherSource"]
 
-__all__ = ["LazyFisher"]
+
+class _ParamInfo(Protocol):
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    layout: ParamLayout | None
+
+
+class FisherSource(Protocol):
+    """What a LazyFisher reads from: :class:`~fisherstore.store.FisherStore` is one."""
+
+    backend_name: str
+
+    def param(self, task: str, name: str) -> _ParamInfo: ...
+
+    def read(self, task: str, name: str, region: tuple[slice, ...] | None = None, *,
+             bias_corrected: bool = True) -> torch.Tensor: ...
+
+    def step(self, task: str) -> int: ...
+
+    def revision(self, task: str) -> Hashable: ...
+
+    def iter_heads(self, task: str, names: Sequence[str] | None = None, block: str | None = None,
+                   workers: int = 4, *, bias_corrected: bool = True) -> Iterator[tuple[str, int, str, torch.Tensor]]: ...
 
 
 class LazyFisher:
     """A lazily read Fisher tensor. Get one from :meth:`FisherStore.fisher`."""
 
-    __slots__ = ("_store", "task", "name", "bias_corrected", "_dtype", "_device")
+    __slots__ = ("_source", "task", "name", "bias_corrected", "_dtype", "_device")
 
     def __init__(
         self,
-        store: FisherStore,
+        source: FisherSource,
         task: str,
         name: str,
         *,
@@ -44,7 +65,7 @@ class LazyFisher:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        self._store = store
+        self._source = source
         self.task = task
         self.name = name
         self.bias_corrected = bias_corrected
@@ -54,7 +75,7 @@ class LazyFisher:
     # -- tensor-like attributes ---------------------------------------------------------
     @property
     def shape(self) -> torch.Size:
-        return torch.Size(self._store._param(self.task, self.name).shape)
+        return torch.Size(self._source.param(self.task, self.name).shape)
 
     @property
     def ndim(self) -> int:
@@ -71,11 +92,16 @@ class LazyFisher:
     @property
     def layout(self) -> ParamLayout | None:
         """The parameter's head layout (None for a tensor without heads)."""
-        return self._store.layout(self.task, self.name)
+        return self._source.param(self.task, self.name).layout
 
     @property
     def chunks(self) -> tuple[int, ...]:
-        return self._store._param(self.task, self.name).chunks
+        return self._source.param(self.task, self.name).chunks
+
+    @property
+    def cache_key(self) -> Hashable:
+        """Equal for two views that read the same values (same store, task, tensor, step and view)."""
+        return (self._source.revision(self.task), self.task, self.name, self.bias_corrected)
 
     def size(self, dim: int | None = None) -> torch.Size | int:
         return self.shape if dim is None else self.shape[dim]
@@ -94,7 +120,7 @@ class LazyFisher:
     # -- lazy conversions ---------------------------------------------------------------
     def _view(self, dtype: torch.dtype | None = None, device: Any = None) -> LazyFisher:
         return LazyFisher(
-            self._store,
+            self._source,
             self.task,
             self.name,
             bias_corrected=self.bias_corrected,
@@ -138,7 +164,7 @@ class LazyFisher:
         if empty:
             out = torch.zeros(empty, dtype=torch.float32)
         else:
-            out = self._store._read_region(self.task, self.name, region, self.bias_corrected)
+            out = self._source.read(self.task, self.name, region, bias_corrected=self.bias_corrected)
             if flips:
                 out = out.flip(flips)
             if squeeze:
@@ -166,8 +192,8 @@ class LazyFisher:
         head of its group). See :meth:`FisherStore.iter_heads` to sweep many parameters
         with one read-ahead window.
         """
-        for _name, h, b, t in self._store.iter_heads(self.task, [self.name], block, workers,
-                                                     bias_corrected=self.bias_corrected):
+        for _name, h, b, t in self._source.iter_heads(self.task, [self.name], block, workers,
+                                                      bias_corrected=self.bias_corrected):
             yield h, b, self._finish(t)
 
     def load(self) -> torch.Tensor:
@@ -189,7 +215,7 @@ class LazyFisher:
     def __repr__(self) -> str:
         try:
             shape = tuple(self.shape)
-            step = self._store.step(self.task)
+            step = self._source.step(self.task)
         except Exception:  # a closed store still gets a readable repr
             return f"LazyFisher(task={self.task!r}, name={self.name!r}, <store closed>)"
         lay = f", layout={self.layout!r}" if self.layout else ""
@@ -198,7 +224,7 @@ class LazyFisher:
             extra += f", dtype={self._dtype}"
         return (
             f"LazyFisher(task={self.task!r}, name={self.name!r}, shape={shape}{lay}, step={step}, "
-            f"backend={self._store.backend!r}{extra})"
+            f"backend={self._source.backend_name!r}{extra})"
         )
 
 

@@ -136,11 +136,12 @@ class StoreLock:
             self._fd = fd
             return
 
-    def release(self) -> None:
+    def release(self, remove_file: bool = False) -> None:
+        """Release the lock. ``remove_file``: also delete the lock file (the store was never created)."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
-        if self.mode == "pidfile":
+        if self.mode == "pidfile" or remove_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         else:

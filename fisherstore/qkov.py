@@ -160,8 +160,7 @@ class QKOVInterference:
     def fisher_block(self, fisher: Tensorish, sl: BlockHeadSlice) -> torch.Tensor:
         """One Fisher block as fp32, through the cache when it comes from a store."""
         if isinstance(fisher, LazyFisher):
-            key = (id(fisher._store), fisher.task, fisher.name, fisher.bias_corrected,
-                   fisher._store.step(fisher.task), sl.rows.start, sl.rows.stop, sl.cols.start, sl.cols.stop)
+            key = (fisher.cache_key, sl.rows.start, sl.rows.stop, sl.cols.start, sl.cols.stop)
             return self.cache.get(key, lambda: sl.apply(fisher).float())
         return sl.apply(fisher.detach().to(dtype=torch.float32, device="cpu"))
 

@@ -140,10 +140,9 @@ class FailingZarr(ZarrBackend):
 
 
 def test_failed_flush_keeps_last_commit_and_accumulators(tmp_path):
-    from fisherstore.codecs import CodecSpec
     from fisherstore.store import FisherStore
 
-    be = FailingZarr(str(tmp_path / "s"), read_only=False, codecs=CodecSpec(), budget=100)
+    be = FailingZarr(str(tmp_path / "s"), read_only=False, budget=100)
     s = FisherStore(be, mode="w", decay=0.5)
     for n in "ab":
         s.create("t", n, (4, 2))

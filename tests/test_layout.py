@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fisherstore import HeadIndexError, LayoutError, ParamLayout
-from fisherstore.layout import chunk_shape, iter_slabs
+from fisherstore.layout import chunk_shape
+from fisherstore.regions import iter_slabs
 
 A = ParamLayout.attention
 

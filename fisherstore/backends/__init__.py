@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..codecs import CodecSpec
 from ..errors import InvalidArgumentError
 from .base import ArrayBackend
 
 BACKENDS = ("zarr", "tensorstore", "ram")
 
 
-def make_backend(name: str, root: str | None, *, read_only: bool, codecs: CodecSpec, **options: Any) -> ArrayBackend:
-    """Instantiate the backend called ``name`` (one of :data:`BACKENDS`)."""
+def make_backend(name: str, location: str | None, *, read_only: bool, **options: Any) -> ArrayBackend:
+    """Instantiate the backend called ``name`` (one of :data:`BACKENDS`) at ``location``."""
     if name == "zarr":
         from .zarr_backend import ZarrBackend as cls
     elif name == "tensorstore":
@@ -21,7 +20,7 @@ def make_backend(name: str, root: str | None, *, read_only: bool, codecs: CodecS
         from .ram import RamBackend as cls
     else:
         raise InvalidArgumentError(f"unknown backend {name!r}; choose one of {BACKENDS}")
-    return cls(root, read_only=read_only, codecs=codecs, **options)
+    return cls(location, read_only=read_only, **options)
 
 
 __all__ = ["ArrayBackend", "BACKENDS", "make_backend"]

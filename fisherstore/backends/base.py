@@ -1,12 +1,13 @@
 """The storage interface: JSON documents and float32 arrays under string keys.
 
 Modelled on zarr-python's abstract ``Store`` and torch.distributed.checkpoint's
-``StorageWriter``: the store layer decides *what* to write (EMA folding, generations,
-commits); a backend only knows how to create, read, write, delete and sync. Backends
-know nothing of models, heads or EMA maths.
+``StorageWriter``: the layers above decide *what* to write (EMA folding, generations,
+commits); a backend only knows how to create, read, write, list, delete and sync on its
+medium, and how much room is left there. Backends know nothing of models, heads, locks or
+EMA maths.
 
-Keys are ``/``-separated paths relative to the store root; regions are tuples of slices
-with positive steps.
+Keys are ``/``-separated paths relative to the store's location; regions are tuples of
+slices with positive steps (:mod:`fisherstore.regions`).
 """
 
 from __future__ import annotations
@@ -18,22 +19,35 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..codecs import CodecSpec
+from ..regions import Region
 
-Region = tuple[slice, ...]
+__all__ = ["ArrayBackend", "ChunkError"]
+
+
+class ChunkError(OSError):
+    """One chunk is missing, truncated or fails its checksum; ``chunk`` is its grid index."""
+
+    def __init__(self, err: int, msg: str, path: str, chunk: tuple[int, ...]) -> None:
+        super().__init__(err, msg, path)
+        self.chunk = tuple(chunk)
 
 
 class ArrayBackend(abc.ABC):
-    """Where a store's documents and arrays live."""
+    """Where a store's documents and arrays live.
+
+    Args:
+        location: the medium's address (a directory for the disk backends, None in RAM).
+        read_only: refuse every mutation.
+    """
 
     #: The name ``fisherstore.open(backend=...)`` knows this backend by.
     name: ClassVar[str]
     #: Whether data survives the process.
     persistent: ClassVar[bool]
 
-    def __init__(self, root: str | None, *, read_only: bool, codecs: CodecSpec) -> None:
-        self.root = root
+    def __init__(self, location: str | None, *, read_only: bool) -> None:
+        self.location = location
         self.read_only = read_only
-        self.codecs = codecs
 
     # -- documents ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -47,9 +61,9 @@ class ArrayBackend(abc.ABC):
     # -- arrays -------------------------------------------------------------------------
     @abc.abstractmethod
     def create_array(
-        self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any]
+        self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any], codecs: CodecSpec
     ) -> None:
-        """Create (or replace) a float32 array filled with 0."""
+        """Create (or replace) a float32 array filled with 0, encoded with ``codecs``."""
 
     @abc.abstractmethod
     def read(self, key: str, region: Region) -> np.ndarray:
@@ -57,7 +71,11 @@ class ArrayBackend(abc.ABC):
 
     @abc.abstractmethod
     def write(self, key: str, region: Region, data: np.ndarray) -> None:
-        """Write ``data`` (float32, region-shaped) into ``region`` of the array at ``key``."""
+        """Write ``data`` (float32, region-shaped) into ``region`` of an array this backend created."""
+
+    def list_chunks(self, key: str) -> set[tuple[int, ...]]:
+        """Grid coordinates of the chunks stored for the array at ``key`` (every one, in RAM)."""
+        return set()
 
     # -- tree ---------------------------------------------------------------------------
     @abc.abstractmethod
@@ -68,22 +86,41 @@ class ArrayBackend(abc.ABC):
     def delete(self, key: str) -> None:
         """Remove the node at ``key`` and everything below it (no error if absent)."""
 
-    def clear(self) -> None:
-        """Remove everything in the store (used by ``mode="w"``)."""
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove everything in the store but the top-level names in ``keep`` (``mode="w"``)."""
         for child in self.list(""):
-            self.delete(child)
+            if child not in keep:
+                self.delete(child)
         self.delete("zarr.json")
 
     def exists(self) -> bool:
-        """Whether the store root holds anything."""
+        """Whether the store's root document exists."""
         return self.read_json("zarr.json") is not None
 
+    def ensure_root(self) -> None:  # noqa: B027 - nothing to create without a medium
+        """Create the store's location (a directory) if it is missing."""
+
+    def holds_other_files(self) -> bool:
+        """Whether the location holds visible entries although no store is there."""
+        return False
+
+    # -- capacity and durability ------------------------------------------------------------
     def nbytes(self, key: str = "", chunks_only: bool = False) -> int:
         """Bytes stored under ``key`` (only chunk data with ``chunks_only``; 0 without a disk)."""
         return 0
 
-    def remove_temp_files(self) -> None:  # noqa: B027 - nothing to remove without a disk
-        """Delete the temp files of document writes a crash interrupted (writer only)."""
+    def free_bytes(self) -> int | None:
+        """Bytes left on the medium (None when unknown or unbounded)."""
+        return None
+
+    def temp_files(self) -> list[str]:
+        """Keys of the temp files that interrupted document writes left."""
+        return []
+
+    def remove_temp_files(self) -> None:
+        """Delete :meth:`temp_files` (writer only)."""
+        for key in self.temp_files():
+            self.delete(key)
 
     def sync(self) -> None:  # noqa: B027 - a no-op is right for non-persistent backends
         """Make everything written so far durable."""
@@ -91,10 +128,14 @@ class ArrayBackend(abc.ABC):
     def close(self) -> None:  # noqa: B027
         """Release handles. The backend is not used afterwards."""
 
+    def url(self, key: str) -> str:
+        """Where ``key`` lives, for messages (a path on disk)."""
+        return f"<{self.name}>/{key}"
+
+    def io_counters(self) -> dict[str, int]:
+        """Counters of the I/O done so far (e.g. ``chunk_files_read``)."""
+        return {}
+
     def __repr__(self) -> str:
         mode = "r" if self.read_only else "rw"
-        return f"<{type(self).__name__} {self.root!r} ({mode})>"
-
-
-def region_shape(region: Region) -> tuple[int, ...]:
-    return tuple(len(range(s.start, s.stop, s.step or 1)) for s in region)
+        return f"<{type(self).__name__} {self.location!r} ({mode})>"

@@ -8,17 +8,21 @@ from typing import Any
 
 import numpy as np
 
-from .base import ArrayBackend, Region
+from ..codecs import CodecSpec
+from ..regions import Region
+from .base import ArrayBackend
+
+__all__ = ["RamBackend"]
 
 
 class RamBackend(ArrayBackend):
-    """Arrays are numpy arrays in a dict; nothing survives the process."""
+    """Arrays are numpy arrays in a dict; nothing survives the process. Codecs do not apply."""
 
     name = "ram"
     persistent = False
 
-    def __init__(self, root: str | None = None, **kw: Any) -> None:
-        super().__init__(root, **kw)
+    def __init__(self, location: str | None = None, *, read_only: bool = False) -> None:
+        super().__init__(None, read_only=read_only)
         self._docs: dict[str, dict[str, Any]] = {}
         self._arrays: dict[str, np.ndarray] = {}
 
@@ -29,7 +33,8 @@ class RamBackend(ArrayBackend):
     def write_json(self, key: str, doc: dict[str, Any]) -> None:
         self._docs[key] = copy.deepcopy(doc)
 
-    def create_array(self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any]) -> None:
+    def create_array(self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any],
+                     codecs: CodecSpec) -> None:
         self._arrays[key] = np.zeros(tuple(shape), dtype=np.float32)
         self._docs[key + "/zarr.json"] = {"node_type": "array", "attributes": copy.deepcopy(attributes)}
 

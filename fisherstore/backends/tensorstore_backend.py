@@ -10,11 +10,14 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from .base import Region
-from .localfs import LocalFSBackend
+from ..codecs import CodecSpec
+from ..regions import Region
+from .disk import DiskBackend
+
+__all__ = ["TensorStoreBackend"]
 
 
-class TensorStoreBackend(LocalFSBackend):
+class TensorStoreBackend(DiskBackend):
     """Arrays through TensorStore.
 
     Chunk files are written without a per-file fsync (``file_io_sync=false``, 2x faster
@@ -27,15 +30,13 @@ class TensorStoreBackend(LocalFSBackend):
     def __init__(self, root: str | None, *, file_io_sync: bool = False, **kw: Any) -> None:
         super().__init__(root, **kw)
         self._ctx = ts.Context({"file_io_sync": bool(file_io_sync), "cache_pool": {"total_bytes_limit": 0}})
-        self._arrays: dict[str, ts.TensorStore] = {}
 
     def _kvstore(self, key: str) -> dict[str, Any]:
-        return {"driver": "file", "path": self._path(key) + "/"}
+        return {"driver": "file", "path": self.files.path(key) + "/"}
 
-    def create_array(self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any]) -> None:
-        self._check_writable()
-        self._forget(key)
-        self.delete(key)  # "create" replaces, as zarr's overwrite=True does
+    def _create(self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any],
+                codecs: CodecSpec) -> ts.TensorStore:
+        self.files.delete(key)  # "create" replaces, as zarr's overwrite=True does
         spec = {
             "driver": "zarr3",
             "kvstore": self._kvstore(key),
@@ -44,7 +45,7 @@ class TensorStoreBackend(LocalFSBackend):
                 "data_type": "float32",
                 "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
                 "chunk_key_encoding": {"name": "default"},
-                "codecs": self.codecs.json_codecs(),
+                "codecs": codecs.json_codecs(),
                 "fill_value": 0.0,
                 "attributes": attributes,
             },
@@ -52,32 +53,18 @@ class TensorStoreBackend(LocalFSBackend):
             "store_data_equal_to_fill_value": True,
         }
         with _os_errors():
-            self._arrays[key] = ts.open(spec, create=True, context=self._ctx).result()
+            return ts.open(spec, create=True, context=self._ctx).result()
 
-    def _array(self, key: str) -> ts.TensorStore:
-        arr = self._arrays.get(key)
-        if arr is None:
-            spec = {"driver": "zarr3", "kvstore": self._kvstore(key), "store_data_equal_to_fill_value": True}
-            arr = ts.open(spec, open=True, read=True, write=not self.read_only, context=self._ctx).result()
-            self._arrays[key] = arr
-        return arr
+    def _open(self, key: str) -> ts.TensorStore:
+        spec = {"driver": "zarr3", "kvstore": self._kvstore(key), "store_data_equal_to_fill_value": True}
+        return ts.open(spec, open=True, read=True, write=not self.read_only, context=self._ctx).result()
 
-    def _read_lib(self, key: str, region: Region) -> np.ndarray:
-        return np.asarray(self._array(key)[region].read().result(), dtype=np.float32)
+    def _read_lib(self, handle: ts.TensorStore, region: Region) -> np.ndarray:
+        return np.asarray(handle[region].read().result(), dtype=np.float32)
 
-    def write(self, key: str, region: Region, data: np.ndarray) -> None:
-        self._check_writable()
+    def _write_lib(self, handle: ts.TensorStore, region: Region, data: np.ndarray) -> None:
         with _os_errors():
-            self._array(key)[region].write(self.codecs.pre_encode(data)).result()
-
-    def _forget(self, key: str) -> None:
-        super()._forget(key)
-        prefix = key.rstrip("/") + "/" if key else ""
-        for k in [k for k in self._arrays if k == key or k.startswith(prefix)]:
-            del self._arrays[k]
-
-    def close(self) -> None:
-        self._arrays.clear()
+            handle[region].write(data).result()
 
 
 _OS_CODE = re.compile(r"os_error_code='(\d+)'")

@@ -10,11 +10,14 @@ import zarr
 from zarr.abc.store import Store
 from zarr.storage import LocalStore
 
-from .base import Region
-from .localfs import LocalFSBackend
+from ..codecs import CodecSpec
+from ..regions import Region
+from .disk import DiskBackend
+
+__all__ = ["ZarrBackend"]
 
 
-class ZarrBackend(LocalFSBackend):
+class ZarrBackend(DiskBackend):
     """Arrays through zarr-python's ``LocalStore``.
 
     Args:
@@ -28,21 +31,19 @@ class ZarrBackend(LocalFSBackend):
         super().__init__(root, **kw)
         self._store_wrapper = store_wrapper
         self._zstore: Store | None = None
-        self._arrays: dict[str, zarr.Array] = {}
 
     @property
     def zstore(self) -> Store:
         if self._zstore is None:
             if not self.read_only:
                 self.ensure_root()
-            st: Store = LocalStore(self.root, read_only=self.read_only)
+            st: Store = LocalStore(self.location, read_only=self.read_only)
             self._zstore = self._store_wrapper(st) if self._store_wrapper else st
         return self._zstore
 
-    def create_array(self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any]) -> None:
-        self._check_writable()
-        self._forget(key)
-        self._arrays[key] = zarr.create_array(
+    def _create(self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any],
+                codecs: CodecSpec) -> zarr.Array:
+        return zarr.create_array(
             store=self.zstore,
             name=key,
             shape=tuple(shape),
@@ -55,32 +56,21 @@ class ZarrBackend(LocalFSBackend):
             # Every chunk gets a file, so a missing file is damage that verify can see,
             # never a silent zero.
             config={"write_empty_chunks": True},
-            **self.codecs.zarr_codecs(),
+            **codecs.zarr_codecs(),
         )
 
-    def _array(self, key: str) -> zarr.Array:
-        arr = self._arrays.get(key)
-        if arr is None:
-            arr = zarr.open_array(store=self.zstore, path=key, mode="r" if self.read_only else "r+", zarr_format=3)
-            arr = arr.with_config({"write_empty_chunks": True})
-            self._arrays[key] = arr
-        return arr
+    def _open(self, key: str) -> zarr.Array:
+        arr = zarr.open_array(store=self.zstore, path=key, mode="r" if self.read_only else "r+", zarr_format=3)
+        return arr.with_config({"write_empty_chunks": True})
 
-    def _read_lib(self, key: str, region: Region) -> np.ndarray:
-        return np.asarray(self._array(key)[region], dtype=np.float32)
+    def _read_lib(self, handle: zarr.Array, region: Region) -> np.ndarray:
+        return np.asarray(handle[region], dtype=np.float32)
 
-    def write(self, key: str, region: Region, data: np.ndarray) -> None:
-        self._check_writable()
-        self._array(key)[region] = self.codecs.pre_encode(data)
-
-    def _forget(self, key: str) -> None:
-        super()._forget(key)
-        prefix = key.rstrip("/") + "/" if key else ""
-        for k in [k for k in self._arrays if k == key or k.startswith(prefix)]:
-            del self._arrays[k]
+    def _write_lib(self, handle: zarr.Array, region: Region, data: np.ndarray) -> None:
+        handle[region] = data
 
     def close(self) -> None:
-        self._arrays.clear()
+        super().close()
         if self._zstore is not None:
             self._zstore.close()
             self._zstore = None

@@ -1,0 +1,232 @@
+"""The commit protocol: a flush as a transaction, and recovery from a crashed one.
+
+A flush runs in this order, the collectives in between (docs/architecture.md)::
+
+    fold      write every resident accumulator into a new generation   (WritePath.fold)
+    sync      make every new generation durable (one syncfs)
+    agree     every rank learns whether any rank failed; if one did, all delete their
+              new generations and raise: nothing is committed
+    gather    the leader learns the entries of the parameters other ranks own
+    plan      per task, a pure TaskCommit: the new manifest, what it adopts, what it supersedes
+    manifest  the leader replaces the task manifest atomically: this is the commit
+    agree     every rank learns whether the manifest landed
+    apply     RAM state takes the plan (the one place a commit changes it)
+    delete    the generations the commit superseded
+
+A crash anywhere leaves the previous manifest and the generations it names intact.
+Whatever else a crashed writer left is a :class:`Leftover`: :func:`find_leftovers`
+classifies them (``verify`` reports them) and :func:`recover` deletes them (a writer
+opening the store). Atomicity is per task: each task's manifest is its own commit point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .backends import ArrayBackend
+from .catalog import Catalog, TaskState
+from .dist import RankGroup
+from .errors import FisherStoreError, StorageError, human_bytes
+from .format import PARAM_ATTR, TASK_ATTR, ParamEntry, TaskManifest, doc_key, gen_name, node_attr, parse_gen
+from .progress import progress_bar
+from .write import WritePath
+
+__all__ = ["TaskCommit", "plan_commit", "apply_commit", "Committer", "Leftover", "find_leftovers", "recover"]
+
+
+@dataclass(frozen=True)
+class TaskCommit:
+    """What committing one task changes, computed before any I/O.
+
+    Attributes:
+        manifest: the manifest the commit writes.
+        adopted: parameters whose uncommitted generation (streamed or folded) it commits.
+        spent: parameters whose accumulator a fold consumed.
+        new_keys: generations written for this commit, deleted if it fails.
+        superseded: generations no manifest names once it lands, deleted then.
+    """
+
+    manifest: TaskManifest
+    adopted: frozenset[str]
+    spent: frozenset[str]
+    new_keys: tuple[str, ...]
+    superseded: tuple[str, ...]
+
+
+def plan_commit(t: TaskState, folded: Mapping[str, int], others: Mapping[str, ParamEntry]) -> TaskCommit:
+    """Plan the commit of ``t``: its folds, its streamed generations, and other ranks' entries. Pure."""
+    entries: dict[str, ParamEntry] = {}
+    adopted, new_keys, superseded = set(), [], []
+    for name, p in t.params.items():
+        e = p.entry()
+        if name in folded:
+            e = dataclasses.replace(e, generation=folded[name], t_last=p.a_last)
+            new_keys.append(p.gen_key(folded[name]))
+            superseded += [p.gen_key(g) for g in (p.gen, p.work_gen) if g is not None]
+        elif p.work_gen is not None:
+            e = dataclasses.replace(e, generation=p.work_gen, t_last=p.work_t)
+            superseded += [p.gen_key(p.gen)] if p.gen is not None else []
+        elif not p.owned and name in others:
+            o = others[name]
+            e = dataclasses.replace(e, generation=o.generation, t_last=o.t_last, updates=o.updates,
+                                    nonfinite_skipped=o.nonfinite_skipped)
+        if e.generation != p.gen or e.t_last != p.t_last:
+            adopted.add(name)
+        entries[name] = e
+    manifest = TaskManifest(name=t.name, step=t.step, tokens_seen=t.tokens_seen, commit=t.commit + 1,
+                            info=dict(t.info), params=entries)
+    return TaskCommit(manifest, frozenset(adopted), frozenset(folded), tuple(new_keys), tuple(superseded))
+
+
+def apply_commit(t: TaskState, plan: TaskCommit) -> None:
+    """Make ``t``'s RAM state what ``plan`` committed: the one place a commit changes it."""
+    m = plan.manifest
+    for name, e in m.params.items():
+        p = t.params[name]
+        p.gen, p.t_last, p.updates, p.nonfinite_skipped = e.generation, e.t_last, e.updates, e.nonfinite_skipped
+        if name in plan.adopted:
+            p.work_gen = None
+    for name in plan.spent:
+        t.params[name].a_last = None  # the accumulator is spent; the next step overwrites it
+    t.committed_step, t.committed_tokens, t.commit = m.step, m.tokens_seen, m.commit
+
+
+class Committer:
+    """Runs the flush transaction of one store (see the module docstring for its order)."""
+
+    def __init__(self, backend: ArrayBackend, write: WritePath, group: RankGroup, progress: bool | None) -> None:
+        self.backend = backend
+        self.write = write
+        self.group = group
+        self.progress = progress
+
+    def write_manifest(self, m: TaskManifest, key: str) -> None:
+        if self.group.is_leader:
+            self.backend.write_json(doc_key(key), m.to_doc())
+
+    def flush(self, catalog: Catalog) -> None:
+        """Fold, sync and commit every task with news (on any rank of the group)."""
+        names = set().union(*self.group.all_gather([t.name for t in catalog if t.dirty]))
+        dirty = [t for t in catalog if t.name in names]
+        if not dirty:
+            return
+        needed = sum(p.nbytes for t in dirty for p in t.params.values() if p.a_last is not None)
+        folded: dict[str, dict[str, int]] = {}
+        err: BaseException | None = None
+        try:
+            with progress_bar(needed, self.progress, f"flush {self.backend.location or ''}") as bar:
+                for t in dirty:
+                    folded[t.name] = self.write.fold(t, bar)
+            self.backend.sync()  # one durable sync for every task's new generations
+        except BaseException as e:
+            err = e
+        err = self.group.agree(err, "write its part of the flush")
+        if err is not None:
+            for t in dirty:
+                self.write.discard(t, folded.get(t.name, {}))
+            raise storage_error(err, "flush", self.backend, needed, dirty) from err
+        for t in dirty:
+            self._commit(t, folded[t.name])
+
+    def _commit(self, t: TaskState, folded: dict[str, int]) -> None:
+        plan = plan_commit(t, folded, {})
+        if self.group.world_size > 1:  # every rank learns the new entries of the parameters others own
+            mine = {n: e for n, e in plan.manifest.params.items() if t.params[n].owned}
+            others: dict[str, ParamEntry] = {}
+            for entries in self.group.all_gather(mine):
+                others.update({n: e for n, e in entries.items() if not t.params[n].owned})
+            plan = plan_commit(t, folded, others)
+        err: BaseException | None = None
+        try:
+            self.write_manifest(plan.manifest, t.key)
+        except BaseException as e:
+            err = e
+        err = self.group.agree(err, f"commit task {t.name!r}")
+        if err is not None:
+            for key in plan.new_keys:
+                self.backend.delete(key)
+            raise err
+        apply_commit(t, plan)
+        for key in plan.superseded:
+            self.backend.delete(key)
+
+
+def storage_error(err: BaseException, what: str, backend: ArrayBackend, needed: int,
+                  tasks: Sequence[TaskState]) -> BaseException:
+    """Turn an OS error from the disk into one that says what was needed and what is kept."""
+    if not isinstance(err, OSError) or isinstance(err, FisherStoreError):
+        return err
+    where = f" writing {err.filename!r}" if err.filename else ""
+    free_bytes = backend.free_bytes()
+    free = f", and {human_bytes(free_bytes)} is free there" if free_bytes is not None else ""
+    at = ", ".join(f"task {t.name!r} at step {t.committed_step}" for t in tasks)
+    return StorageError(
+        err.errno,
+        f"{what} of {backend.location!r} failed{where}: {err.strerror or err}. It needed "
+        f"{human_bytes(needed)} ({needed} bytes) for new generations{free}. The store stays at its last "
+        f"commit ({at}) and the steps since are kept in RAM: free space (or fix the device) and call "
+        "flush() again.",
+    )
+
+
+# -- what a crashed writer leaves ------------------------------------------------------------
+@dataclass(frozen=True)
+class Leftover:
+    """Something a crashed writer left that no commit names; readers ignore it."""
+
+    kind: str  # "temp_file", "uncommitted_task", "uncommitted_param" or "uncommitted_generation"
+    key: str
+    task: str | None = None
+    param: str | None = None
+    message: str = ""
+
+
+def _ours(backend: ArrayBackend, node: str, attr: str) -> bool:
+    """Whether ``node`` is one fisherstore made (or began to make: no document, or a damaged one)."""
+    try:
+        doc = backend.read_json(doc_key(node))
+    except FisherStoreError:
+        return True  # a half-written document of ours
+    return doc is None or node_attr(doc, attr) is not None
+
+
+def find_leftovers(backend: ArrayBackend, catalog: Catalog) -> list[Leftover]:
+    """Classify what no commit names: temp files, uncommitted tasks, parameters and generations."""
+    found = [Leftover("temp_file", k, message=f"temporary file of an interrupted write: {k}")
+             for k in backend.temp_files()]
+    tasks = {t.key: t for t in catalog}
+    for tkey in backend.list(""):
+        t = tasks.get(tkey)
+        if t is None:
+            if _ours(backend, tkey, TASK_ATTR):
+                found.append(Leftover("uncommitted_task", tkey,
+                                      message=f"task directory {tkey!r} that no commit lists (an interrupted create)"))
+            continue
+        params = {p.key.rsplit("/", 1)[-1]: p for p in t.params.values()}
+        for pseg in backend.list(tkey):
+            p = params.get(pseg)
+            if p is None:
+                if _ours(backend, f"{tkey}/{pseg}", PARAM_ATTR):
+                    found.append(Leftover("uncommitted_param", f"{tkey}/{pseg}", t.name,
+                                          message=f"task {t.name!r}: parameter directory {pseg!r} that no commit "
+                                                  "lists"))
+                continue
+            for child in backend.list(p.key):
+                g = parse_gen(child)
+                if g is not None and g != p.gen:
+                    found.append(Leftover(
+                        "uncommitted_generation", f"{p.key}/{child}", t.name, p.name,
+                        f"task {t.name!r}, parameter {p.name!r}: generation {child} was written after the last "
+                        f"commit (step {t.committed_step}, generation {gen_name(p.gen) if p.gen else 'none'}) and "
+                        "never committed; readers ignore it and the next writer removes it"))
+    return found
+
+
+def recover(backend: ArrayBackend, catalog: Catalog) -> list[Leftover]:
+    """Delete every leftover of a crashed writer (the writer lock must be held); return them."""
+    found = find_leftovers(backend, catalog)
+    for lo in found:
+        backend.delete(lo.key)
+    return found
