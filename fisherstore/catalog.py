@@ -13,13 +13,23 @@ and a commit when it has landed (:mod:`fisherstore.commit`).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-from .errors import LayoutError, ShapeMismatchError, UnknownParamError, UnknownTaskError, close_matches, listing
+from .errors import (
+    InvalidArgumentError,
+    LayoutError,
+    ShapeMismatchError,
+    UnknownParamError,
+    UnknownTaskError,
+    close_matches,
+    listing,
+)
 from .format import ParamEntry, TaskManifest, doc_key, encode_name, generation_key
 from .layout import ParamLayout, chunk_shape
 
@@ -56,10 +66,12 @@ class ParamState:
     work_t: int = 0
     acc: torch.Tensor | None = None  # resident accumulator, current at a_last
     a_last: int | None = None  # None: the accumulator holds nothing
+    spare: torch.Tensor | None = None  # the accumulator's twin: a step fills it, then the two swap
     resident: bool = False
     owned: bool = True  # False: another rank of the group writes it
     nonfinite_skipped: int = 0
     updates: int = 0
+    on_disk: bool = True  # False: created since the last commit, its node not yet written
 
     @classmethod
     def from_entry(cls, name: str, e: ParamEntry) -> ParamState:
@@ -116,6 +128,8 @@ class TaskState:
     commit: int = 0
     info: dict[str, Any] = field(default_factory=dict)  # estimator, model, user
     params: dict[str, ParamState] = field(default_factory=dict)
+    listed: bool = True  # False: created since the last commit, not yet in the root document
+    changed: bool = False  # parameters or info the last commit does not hold
 
     @classmethod
     def from_manifest(cls, m: TaskManifest, key: str) -> TaskState:
@@ -131,8 +145,9 @@ class TaskState:
 
     @property
     def dirty(self) -> bool:
-        """Whether it has steps or state the last commit does not hold."""
-        return self.step != self.committed_step or any(p.dirty for p in self.params.values())
+        """Whether it has steps, state, parameters or info the last commit does not hold."""
+        return (self.changed or not self.listed or self.step != self.committed_step
+                or any(p.dirty for p in self.params.values()))
 
     def new_param(self, name: str, shape: Sequence[int], layout: ParamLayout | None, decay: float,
                   chunks: Sequence[int] | None = None) -> ParamState | None:
@@ -142,7 +157,7 @@ class TaskState:
         chunking that does not fit, or that differs from the existing parameter's.
         """
         seg = encode_name(name, "parameter name")
-        shape = tuple(int(s) for s in shape)
+        shape = _dims(shape, name, "shape")
         if any(s < 0 for s in shape):
             raise ShapeMismatchError(f"parameter {name!r}: shape {shape} has a negative dimension")
         if layout is not None:
@@ -157,10 +172,11 @@ class TaskState:
                     f"layout {old.layout}; cannot recreate it as {shape} / {layout}"
                 )
             return None
-        ch = tuple(chunks) if chunks is not None else chunk_shape(shape, layout)
+        ch = _dims(chunks, name, "chunks") if chunks is not None else chunk_shape(shape, layout)
         if len(ch) != len(shape) or any(c < 1 for c in ch):
             raise ShapeMismatchError(f"parameter {name!r}: chunks {ch} do not fit shape {shape}")
-        return ParamState(name=name, key=f"{self.key}/{seg}", shape=shape, chunks=ch, layout=layout, decay=decay)
+        return ParamState(name=name, key=f"{self.key}/{seg}", shape=shape, chunks=ch, layout=layout, decay=decay,
+                          on_disk=False)
 
     def metadata(self) -> dict[str, Any]:
         """Step, tokens, estimator, model, user fields and every parameter's state, as a dict."""
@@ -223,6 +239,17 @@ class Catalog:
         if p is None:
             raise unknown_param(t, name)
         return p
+
+
+def _dims(dims: Any, name: str, what: str) -> tuple[int, ...]:
+    """A shape as ints; floats, strings and bools are refused, never truncated."""
+    try:
+        items = list(dims)
+        if any(isinstance(d, (bool, np.bool_)) for d in items):
+            raise TypeError
+        return tuple(operator.index(d) for d in items)
+    except TypeError:
+        raise InvalidArgumentError(f"parameter {name!r}: {what} must be a sequence of ints, got {dims!r}") from None
 
 
 def unknown_param(t: TaskState, name: str) -> UnknownParamError:

@@ -44,7 +44,7 @@ def store_info(path: str, backend: str = "zarr") -> dict[str, Any]:
             params = {}
             for name, p in tm["params"].items():
                 logical = 4 * math.prod(p["shape"])
-                disk = s.nbytes_on_disk(task, name, chunks_only=True)
+                disk = s.nbytes_on_disk(task, name, chunks_only=True, committed=True)
                 params[name] = {
                     "shape": list(p["shape"]),
                     "chunks": list(p["chunks"]),
@@ -65,7 +65,10 @@ def store_info(path: str, backend: str = "zarr") -> dict[str, Any]:
                 "params": params,
             }
         info["bytes"] = total_logical
-        info["bytes_on_disk"] = s.nbytes_on_disk()
+        # What a reader sees: the committed generations. A writer's uncommitted work (and what a
+        # crash left) is counted apart, so `info` during a flush never reports half a flush.
+        info["bytes_on_disk"] = s.nbytes_on_disk(committed=True)
+        info["other_bytes_on_disk"] = max(0, s.nbytes_on_disk() - info["bytes_on_disk"])
         info["compression_ratio"] = total_logical / total_disk if total_disk else None
     return info
 
@@ -74,7 +77,8 @@ def _print_info(info: dict[str, Any]) -> None:
     ratio = info["compression_ratio"]
     print(f"{info['path']}  (format {info['format_version']}, {info['written_by']})")
     print(f"  codecs: {info['codecs']}")
-    print(f"  {human_bytes(info['bytes'])} of fp32 state, {human_bytes(info['bytes_on_disk'])} on disk (with metadata)"
+    print(f"  {human_bytes(info['bytes'])} of fp32 state, {human_bytes(info['bytes_on_disk'])} committed on disk"
+          + (f" (+{human_bytes(info['other_bytes_on_disk'])} metadata and uncommitted)" if info["other_bytes_on_disk"] else "")
           + (f", chunk compression {ratio:.3f}x" if ratio else ""))
     for task, t in info["tasks"].items():
         print(f"  task {task!r}: step {t['step']}, {t['tokens_seen']} tokens, estimator {t['estimator']}, "
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if rep.ok else 1
         elif args.cmd == "unlock":
             return _unlock(args.path, args.force)
-    except FisherStoreError as e:
+    except (FisherStoreError, OSError) as e:
         print(f"fisherstore: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:

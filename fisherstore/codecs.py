@@ -13,7 +13,7 @@ spec codecs only (TensorStore can read it), and bit-shuffled Blosc then compress
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -112,4 +112,6 @@ class CodecSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CodecSpec:
-        return cls(**d)
+        """Inverse of :meth:`to_dict`. Keys a newer fisherstore may add are ignored (docs/format.md)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -21,6 +21,7 @@ opening the store). Atomicity is per task: each task's manifest is its own commi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,12 +29,26 @@ from dataclasses import dataclass
 from .backends import ArrayBackend
 from .catalog import Catalog, TaskState
 from .dist import RankGroup
-from .errors import FisherStoreError, StorageError, human_bytes
-from .format import PARAM_ATTR, TASK_ATTR, ParamEntry, TaskManifest, doc_key, gen_name, node_attr, parse_gen
+from .errors import FisherStoreError, StorageError, human_bytes, listing
+from .format import (
+    DOC,
+    PARAM_ATTR,
+    TASK_ATTR,
+    ParamEntry,
+    StoreDoc,
+    TaskManifest,
+    array_attributes,
+    doc_key,
+    gen_name,
+    node_attr,
+    param_doc,
+    parse_gen,
+)
 from .progress import progress_bar
 from .write import WritePath
 
-__all__ = ["TaskCommit", "plan_commit", "apply_commit", "Committer", "Leftover", "find_leftovers", "recover"]
+__all__ = ["TaskCommit", "plan_commit", "apply_commit", "Committer", "Leftover", "find_leftovers", "recover",
+           "mark_committed"]
 
 
 @dataclass(frozen=True)
@@ -86,11 +101,13 @@ def apply_commit(t: TaskState, plan: TaskCommit) -> None:
     for name, e in m.params.items():
         p = t.params[name]
         p.gen, p.t_last, p.updates, p.nonfinite_skipped = e.generation, e.t_last, e.updates, e.nonfinite_skipped
+        p.on_disk = True
         if name in plan.adopted:
             p.work_gen = None
     for name in plan.spent:
         t.params[name].a_last = None  # the accumulator is spent; the next step overwrites it
     t.committed_step, t.committed_tokens, t.commit = m.step, m.tokens_seen, m.commit
+    t.changed = False
 
 
 class Committer:
@@ -102,12 +119,8 @@ class Committer:
         self.group = group
         self.progress = progress
 
-    def write_manifest(self, m: TaskManifest, key: str) -> None:
-        if self.group.is_leader:
-            self.backend.write_json(doc_key(key), m.to_doc())
-
-    def flush(self, catalog: Catalog) -> None:
-        """Fold, sync and commit every task with news (on any rank of the group)."""
+    def flush(self, catalog: Catalog, doc: StoreDoc) -> None:
+        """Fold, sync and commit every task with news (on any rank of the group); list new tasks in ``doc``."""
         names = set().union(*self.group.all_gather([t.name for t in catalog if t.dirty]))
         dirty = [t for t in catalog if t.name in names]
         if not dirty:
@@ -119,7 +132,8 @@ class Committer:
             with progress_bar(needed, self.progress, f"flush {self.backend.location or ''}") as bar:
                 for t in dirty:
                     folded[t.name] = self.write.fold(t, bar)
-            self.backend.sync()  # one durable sync for every task's new generations
+            self._write_new_nodes(dirty)
+            self.backend.sync()  # one durable sync for every task's new generations and nodes
         except BaseException as e:
             err = e
         err = self.group.agree(err, "write its part of the flush")
@@ -129,6 +143,20 @@ class Committer:
             raise storage_error(err, "flush", self.backend, needed, dirty) from err
         for t in dirty:
             self._commit(t, folded[t.name])
+        self._list_new_tasks(catalog, doc)
+
+    def _write_new_nodes(self, tasks: list[TaskState]) -> None:
+        """The leader writes the node documents of parameters created since the last commit.
+
+        Creation is not a commit: ``create()`` touches only RAM, and its documents ride
+        on the flush's one sync, so creating 10,000 parameters costs no fsync each.
+        """
+        if not self.group.is_leader:
+            return
+        for t in tasks:
+            for p in t.params.values():
+                if not p.on_disk:
+                    self.backend.write_json(doc_key(p.key), param_doc(p.name, p.shape, p.layout), durable=False)
 
     def _commit(self, t: TaskState, folded: dict[str, int]) -> None:
         plan = plan_commit(t, folded, {})
@@ -140,33 +168,74 @@ class Committer:
             plan = plan_commit(t, folded, others)
         err: BaseException | None = None
         try:
-            self.write_manifest(plan.manifest, t.key)
+            if self.group.is_leader:
+                self.backend.write_json(doc_key(t.key), plan.manifest.to_doc())
         except BaseException as e:
             err = e
         err = self.group.agree(err, f"commit task {t.name!r}")
         if err is not None:
             for key in plan.new_keys:
-                self.backend.delete(key)
-            raise err
-        apply_commit(t, plan)
+                with contextlib.suppress(OSError):
+                    self.backend.delete(key)
+            raise storage_error(err, f"commit of task {t.name!r}", self.backend, None, [t]) from err
+        with self.write.lock:
+            apply_commit(t, plan)
         for key in plan.superseded:
-            self.backend.delete(key)
+            with contextlib.suppress(OSError):  # a leftover generation is harmless: the next writer removes it
+                self.backend.delete(key)
+        mark_committed(self.backend, t, [n for n in plan.adopted if t.params[n].owned])
 
 
-def storage_error(err: BaseException, what: str, backend: ArrayBackend, needed: int,
+    def _list_new_tasks(self, catalog: Catalog, doc: StoreDoc) -> None:
+        """List tasks created since the last commit in the root document: the commit point of a new task.
+
+        Their manifests landed first, so a crash before this leaves unlisted task nodes, which
+        the next writer removes: a new task is rolled back whole, never half there.
+        """
+        new = [t for t in catalog if not t.listed]
+        if not new:
+            return
+        err: BaseException | None = None
+        try:
+            if self.group.is_leader:
+                self.backend.write_json(DOC, dataclasses.replace(doc, tasks=catalog.keys()).to_doc())
+        except BaseException as e:
+            err = e
+        err = self.group.agree(err, "list the new tasks in the root document")
+        if err is not None:
+            raise storage_error(err, f"listing the new task(s) {listing(t.name for t in new)} in the root document",
+                                self.backend, None, new) from err
+        for t in new:
+            t.listed = True
+
+
+def mark_committed(backend: ArrayBackend, t: TaskState, names: Sequence[str]) -> None:
+    """Drop the pending mark of the committed generations of ``names`` (a hint for plain Zarr readers).
+
+    Best effort and not synced: the manifest is the truth, and a mark left by a crash
+    errs on the safe side (live data looks pending, never the other way round).
+    """
+    for name in names:
+        p = t.params[name]
+        if p.gen is not None:
+            with contextlib.suppress(OSError, FisherStoreError):
+                backend.set_attributes(p.gen_key(p.gen), array_attributes(p.name, p.layout))
+
+def storage_error(err: BaseException, what: str, backend: ArrayBackend, needed: int | None,
                   tasks: Sequence[TaskState]) -> BaseException:
     """Turn an OS error from the disk into one that says what was needed and what is kept."""
     if not isinstance(err, OSError) or isinstance(err, FisherStoreError):
         return err
     where = f" writing {err.filename!r}" if err.filename else ""
     free_bytes = backend.free_bytes()
-    free = f", and {human_bytes(free_bytes)} is free there" if free_bytes is not None else ""
-    at = ", ".join(f"task {t.name!r} at step {t.committed_step}" for t in tasks)
+    free = f"{human_bytes(free_bytes)} is free there. " if free_bytes is not None else ""
+    need = f"It needed {human_bytes(needed)} ({needed} bytes) for new generations; " if needed else ""
+    at = ", ".join(f"task {t.name!r} at step {t.committed_step}" if t.listed else f"new task {t.name!r} (not yet "
+                   "committed)" for t in tasks)
     return StorageError(
         err.errno,
-        f"{what} of {backend.location!r} failed{where}: {err.strerror or err}. It needed "
-        f"{human_bytes(needed)} ({needed} bytes) for new generations{free}. The store stays at its last "
-        f"commit ({at}) and the steps since are kept in RAM: free space (or fix the device) and call "
+        f"{what} of {backend.location!r} failed{where}: {err.strerror or err}. {need}{free}The store stays at its "
+        f"last commit ({at}) and the steps since are kept in RAM: free space (or fix the device) and call "
         "flush() again.",
     )
 
@@ -184,12 +253,15 @@ class Leftover:
 
 
 def _ours(backend: ArrayBackend, node: str, attr: str) -> bool:
-    """Whether ``node`` is one fisherstore made (or began to make: no document, or a damaged one)."""
+    """Whether fisherstore can prove it made ``node``: its document says so, or it holds nothing but
+    the temp file of its interrupted first document. A user's directory is never ours."""
     try:
         doc = backend.read_json(doc_key(node))
     except FisherStoreError:
-        return True  # a half-written document of ours
-    return doc is None or node_attr(doc, attr) is not None
+        return False  # documents are replaced atomically: a damaged one is not a crash of ours
+    if doc is not None:
+        return node_attr(doc, attr) is not None
+    return all(backend.is_temp(e) for e in backend.entries(node))
 
 
 def find_leftovers(backend: ArrayBackend, catalog: Catalog) -> list[Leftover]:

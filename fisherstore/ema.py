@@ -145,27 +145,35 @@ def as_grad_sq(
 ) -> torch.Tensor | None:
     """Validate a squared gradient and return it as an fp32 contiguous tensor on its device.
 
-    Returns ``None`` when ``nonfinite="skip"`` and the tensor holds NaN/Inf (the caller
-    counts the skip). Never modifies ``x``.
+    Returns ``None`` when ``nonfinite="skip"`` (one of :data:`NONFINITE_POLICIES`, checked
+    once by :class:`~fisherstore.options.StoreOptions`) and the tensor holds NaN/Inf (the
+    caller counts the skip). Never modifies ``x``.
 
     Raises:
         InvalidGradientError: not a real floating tensor, or negative entries.
         NonFiniteGradientError: NaN/Inf with ``nonfinite="raise"``.
         ShapeMismatchError: the shape differs from ``shape``.
     """
-    if nonfinite not in NONFINITE_POLICIES:
-        raise InvalidArgumentError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     if isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.floating):
             raise InvalidGradientError(
                 f"squared gradient for {name!r} has dtype {x.dtype}; pass a real floating-point "
                 "tensor (float32 is best)"
             )
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        # Any float width or byte order (big-endian, longdouble) becomes native fp32 here; a value
+        # beyond fp32's range becomes inf and is refused below like any other.
+        with np.errstate(over="ignore"):
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     if not isinstance(x, torch.Tensor):
         raise InvalidGradientError(
             f"squared gradient for {name!r} is a {type(x).__name__}; pass a torch.Tensor or numpy array"
         )
+    if x.is_meta:
+        raise InvalidGradientError(
+            f"squared gradient for {name!r} is a meta tensor (a shape without values); pass a real tensor"
+        )
+    if x.layout != torch.strided:
+        x = x.to_dense()  # sparse gradients (embeddings with sparse=True): the same values, dense
     if not x.is_floating_point():
         raise InvalidGradientError(
             f"squared gradient for {name!r} has dtype {x.dtype}; pass a real floating-point "

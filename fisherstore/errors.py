@@ -27,9 +27,13 @@ __all__ = [
     "CorruptChunkError",
     "StorageError",
     "StoreLockedError",
+    "CorruptStoreError",
+    "StoreReplacedError",
+    "FlushError",
     "InvalidArgumentError",
     "SliceError",
     "RecoveryWarning",
+    "StepDiscardedWarning",
 ]
 
 
@@ -106,6 +110,26 @@ class SliceError(FisherStoreError, IndexError):
 
 class StorageError(FisherStoreError, OSError):
     """The disk refused a write (full, I/O error, read-only); the store kept its last commit."""
+
+
+class FlushError(StorageError):
+    """A step was applied and is kept in RAM, but the automatic flush after it failed.
+
+    Do not repeat the step (it would count twice): fix the cause and call ``flush()``.
+    Any other error from ``update()`` means the step was discarded whole.
+    """
+
+
+class CorruptStoreError(FisherStoreError, ValueError):
+    """A metadata document or array header is damaged, inconsistent, or not what fisherstore wrote."""
+
+
+class StoreReplacedError(FisherStoreError, RuntimeError):
+    """The store was replaced (``mode="w"``) since this reader opened it; reopen it."""
+
+
+class StepDiscardedWarning(UserWarning):
+    """A step still open when its store closed was discarded (the steps before it were flushed)."""
 
 
 class RecoveryWarning(UserWarning):

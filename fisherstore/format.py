@@ -19,13 +19,17 @@ node's document.
 
 from __future__ import annotations
 
+import math
 import re
+import uuid as uuid_mod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from .errors import FisherStoreError, FormatVersionError, InvalidArgumentError, NotAFisherStoreError
+import numpy as np
+
+from .errors import CorruptStoreError, FormatVersionError, InvalidArgumentError, LayoutError, NotAFisherStoreError
 from .layout import ParamLayout
 
 __all__ = [
@@ -47,6 +51,8 @@ __all__ = [
     "param_doc",
     "array_attributes",
     "node_attr",
+    "json_value",
+    "is_pending",
 ]
 
 #: Bumped on any change an older reader would misread.
@@ -61,6 +67,8 @@ DOC = "zarr.json"
 _INFO_KEYS = ("estimator", "model", "user")
 
 _GEN_RE = re.compile(r"^g(\d{8})$")
+#: Names a node may not take: Zarr's, the documents' and the writer lock's (escaped by encode_name).
+_RESERVED = (".", "..", DOC, ".fisherstore.lock")
 
 
 # -- names and keys ------------------------------------------------------------------------
@@ -75,8 +83,13 @@ def encode_name(name: str, what: str = "name") -> str:
         raise InvalidArgumentError(f"{what} must be a non-empty string, got {name!r}")
     if "\x00" in name:
         raise InvalidArgumentError(f"{what} {name!r} contains a NUL character")
-    seg = quote(name, safe="._-~+=,@")
-    if seg in (".", "..") or seg.startswith("__") or seg.startswith("g") and _GEN_RE.match(seg):
+    try:
+        seg = quote(name, safe="._-~+=,@")
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(
+            f"{what} {name!r} is not valid Unicode (it holds a lone surrogate); decode it properly first"
+        ) from None
+    if seg in _RESERVED or seg.startswith("__") or seg.startswith("g") and _GEN_RE.match(seg):
         seg = "%" + format(ord(seg[0]), "02X") + seg[1:]
     if len(seg.encode()) > 240:
         raise InvalidArgumentError(f"{what} {name[:40]!r}... is too long to store ({len(seg)} bytes encoded; max 240)")
@@ -119,23 +132,74 @@ def node_attr(doc: Any, attr: str) -> Any:
     return attrs.get(attr) if isinstance(attrs, dict) else None
 
 
+# -- validation --------------------------------------------------------------------------------
+def _damaged(where: str, what: str) -> CorruptStoreError:
+    return CorruptStoreError(
+        f"{where} is damaged or was not written by fisherstore: {what}. Run `fisherstore verify` on the store; "
+        "if committed data is lost, restore the store from a copy."
+    )
+
+
+def _int(v: Any, where: str, field: str, lo: int = 0) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise _damaged(where, f"{field} = {v!r} is not an integer >= {lo}")
+    return v
+
+
+def _dict(v: Any, where: str, field: str, optional: bool = False) -> dict[str, Any] | None:
+    if v is None and optional:
+        return None
+    if not isinstance(v, dict):
+        raise _damaged(where, f"{field} is {type(v).__name__}, not an object")
+    return v
+
+
+def _ints(v: Any, where: str, field: str, lo: int) -> tuple[int, ...]:
+    if not isinstance(v, list):
+        raise _damaged(where, f"{field} = {v!r} is not a list of integers")
+    return tuple(_int(x, where, f"{field}[{i}]", lo) for i, x in enumerate(v))
+
+
+def _key(v: Any, want: str, where: str, field: str) -> str:
+    # A key in a document must be the one fisherstore derives from the name: a crafted key
+    # ("..", another store's path) would make readers read, and writers delete, elsewhere.
+    if v != want:
+        raise _damaged(where, f"{field} = {v!r}; fisherstore stores it at {want!r}")
+    return want
+
+
+def _encoded(name: str, where: str, what: str) -> str:
+    try:
+        return encode_name(name, what)
+    except InvalidArgumentError as e:
+        raise _damaged(where, str(e)) from None
+
+
 # -- the store document ----------------------------------------------------------------------
 @dataclass
 class StoreDoc:
-    """The root document: format version, writer, codec chain and the task directory."""
+    """The root document: format version, writer, identity, codec chain and the task directory.
+
+    ``uuid`` names this store: a store replaced by ``mode="w"`` gets a new one, so a reader
+    that outlives the replacement can tell (:class:`~fisherstore.errors.StoreReplacedError`).
+    """
 
     format_version: int
     written_by: str | None
     codecs: dict[str, Any]
     tasks: dict[str, str] = field(default_factory=dict)  # task name -> its node key
+    uuid: str | None = None
 
     @classmethod
     def new(cls, library_version: str, codecs: dict[str, Any]) -> StoreDoc:
-        return cls(FORMAT_VERSION, f"fisherstore {library_version}", codecs, {})
+        return cls(FORMAT_VERSION, f"fisherstore {library_version}", codecs, {}, uuid_mod.uuid4().hex)
 
     def to_doc(self) -> dict[str, Any]:
-        return _group_doc(ROOT_ATTR, {"format_version": self.format_version, "written_by": self.written_by,
-                                      "codecs": self.codecs, "tasks": dict(self.tasks)})
+        body = {"format_version": self.format_version, "written_by": self.written_by, "codecs": self.codecs,
+                "tasks": dict(self.tasks)}
+        if self.uuid is not None:
+            body["uuid"] = self.uuid
+        return _group_doc(ROOT_ATTR, body)
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any] | None, where: str) -> StoreDoc:
@@ -152,13 +216,22 @@ class StoreDoc:
                 f"'{ROOT_ATTR}' attribute). Point fisherstore.open at the store's root directory."
             )
         version = body["format_version"]
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
             raise FormatVersionError(
                 f"{where!r} was written by {body.get('written_by', 'a newer fisherstore')} with format "
                 f"version {version}; this fisherstore reads format versions up to {FORMAT_VERSION}. "
                 "Upgrade fisherstore (pip install -U fisherstore) to read it."
             )
-        return cls(version, body.get("written_by"), body.get("codecs") or {}, dict(body.get("tasks") or {}))
+        doc_where = f"the root document of {where!r}"
+        tasks = _dict(body.get("tasks") or {}, doc_where, "tasks")
+        for name, key in tasks.items():
+            _key(key, _encoded(name, doc_where, "task name"), doc_where, f"tasks[{name!r}]")
+        codecs = _dict(body.get("codecs") or {}, doc_where, "codecs")
+        uuid = body.get("uuid")
+        if uuid is not None and not isinstance(uuid, str):
+            raise _damaged(doc_where, f"uuid = {uuid!r} is not a string")
+        written_by = body.get("written_by")
+        return cls(version, written_by if isinstance(written_by, str) else None, codecs, dict(tasks), uuid)
 
 
 # -- the task manifest -----------------------------------------------------------------------
@@ -190,27 +263,58 @@ class ParamEntry:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], layouts: dict[str, ParamLayout] | None = None) -> ParamEntry:
-        """Parse an entry; ``layouts`` caches parsed layouts (a model has a handful of distinct ones)."""
-        lay = d.get("layout")
+    def from_dict(cls, d: Any, name: str, task_key: str, step: int, where: str,
+                  layouts: dict[str, ParamLayout] | None = None) -> ParamEntry:
+        """Parse and validate parameter ``name``'s entry of a manifest that is at ``step``.
+
+        ``layouts`` caches parsed layouts (a model has a handful of distinct ones). Raises
+        :class:`CorruptStoreError` naming the document and the field for anything a
+        reader would misread.
+        """
+        f = f"params[{name!r}]"
+        d = _dict(d, where, f)
+        key = _key(d.get("key"), f"{task_key}/{_encoded(name, where, 'parameter name')}", where, f"{f}.key")
+        shape = _ints(d.get("shape"), where, f"{f}.shape", 0)
+        chunks = _ints(d.get("chunks"), where, f"{f}.chunks", 1)
+        if len(chunks) != len(shape):
+            raise _damaged(where, f"{f}.chunks {chunks} do not fit shape {shape}")
+        decay = d.get("decay")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
+            raise _damaged(where, f"{f}.decay = {decay!r} is not a number in (0, 1)")
+        gen = d.get("generation")
+        if gen is not None:
+            _int(gen, where, f"{f}.generation", 1)
+        t_last = _int(d.get("t_last", 0), where, f"{f}.t_last", 1 if gen is not None else 0)
+        if t_last > step:
+            raise _damaged(where, f"{f}.t_last = {t_last} is after the task's step {step}")
+        lay = _dict(d.get("layout"), where, f"{f}.layout", optional=True)
         layout = None
         if lay:
             k = repr(sorted(lay.items()))
             layout = layouts.get(k) if layouts is not None else None
             if layout is None:
-                layout = ParamLayout.from_dict(lay)
+                try:
+                    layout = ParamLayout.from_dict(lay)
+                    layout.validate_shape(shape, name)
+                except (LayoutError, TypeError) as e:
+                    raise _damaged(where, f"{f}.layout: {e}") from None
                 if layouts is not None:
                     layouts[k] = layout
+            else:
+                try:
+                    layout.validate_shape(shape, name)
+                except LayoutError as e:
+                    raise _damaged(where, f"{f}.layout: {e}") from None
         return cls(
-            key=d["key"],
-            shape=tuple(d["shape"]),
-            chunks=tuple(d["chunks"]),
+            key=key,
+            shape=shape,
+            chunks=chunks,
             layout=layout,
-            decay=d["decay"],
-            generation=d.get("generation"),
-            t_last=d.get("t_last", 0),
-            nonfinite_skipped=d.get("nonfinite_skipped", 0),
-            updates=d.get("updates", 0),
+            decay=float(decay),
+            generation=gen,
+            t_last=t_last,
+            nonfinite_skipped=_int(d.get("nonfinite_skipped", 0), where, f"{f}.nonfinite_skipped"),
+            updates=_int(d.get("updates", 0), where, f"{f}.updates"),
         )
 
 
@@ -244,21 +348,59 @@ class TaskManifest:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any] | None, name: str, key: str) -> TaskManifest:
+        """Parse and validate the manifest of task ``name`` (at node ``key``)."""
+        where = f"the manifest of task {name!r} ({doc_key(key)})"
         body = node_attr(doc, TASK_ATTR)
         if not isinstance(body, dict):
-            raise FisherStoreError(
+            raise CorruptStoreError(
                 f"task {name!r} is listed in the store root but its manifest {doc_key(key)} is "
                 "missing or damaged. Run `fisherstore verify` on the store."
             )
+        step = _int(body.get("step"), where, "step")
+        info = {k: body[k] for k in _INFO_KEYS if body.get(k) is not None}
+        if info.get("estimator") not in ESTIMATORS:
+            raise _damaged(where, f"estimator = {info['estimator']!r} is not one of {ESTIMATORS}")
+        for k in ("model", "user"):
+            _dict(info.get(k), where, k, optional=True)
         layouts: dict[str, ParamLayout] = {}
+        params = _dict(body.get("params", {}), where, "params")
         return cls(
             name=name,
-            step=body["step"],
-            tokens_seen=body.get("tokens_seen", 0),
-            commit=body.get("commit", 0),
-            info={k: body[k] for k in _INFO_KEYS if body.get(k) is not None},
-            params={n: ParamEntry.from_dict(e, layouts) for n, e in body.get("params", {}).items()},
+            step=step,
+            tokens_seen=_int(body.get("tokens_seen", 0), where, "tokens_seen"),
+            commit=_int(body.get("commit", 0), where, "commit"),
+            info=info,
+            params={n: ParamEntry.from_dict(e, n, key, step, where, layouts) for n, e in params.items()},
         )
+
+
+def json_value(value: Any, where: str) -> Any:
+    """``value`` as plain JSON (numpy scalars and tuples become numbers and lists), or an error naming it.
+
+    A manifest must always serialise: a value refused here is never kept, so one bad
+    ``set_metadata`` cannot make every later flush fail.
+    """
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidArgumentError(f"{where} is {value!r}; JSON metadata must be finite (store None instead)")
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InvalidArgumentError(f"{where} has a key {k!r} that is not a string; JSON keys are strings")
+            out[k] = json_value(v, f"{where}[{k!r}]")
+        return out
+    raise InvalidArgumentError(
+        f"{where} is a {type(value).__module__}.{type(value).__name__}, which JSON metadata cannot hold; pass a "
+        "number, string, bool, None, list or dict (e.g. str(dtype) for a dtype)"
+    )
 
 
 # -- parameter nodes and arrays --------------------------------------------------------------
@@ -267,6 +409,19 @@ def param_doc(name: str, shape: Sequence[int], layout: ParamLayout | None) -> di
     return _group_doc(PARAM_ATTR, {"name": name, "shape": list(shape), "layout": layout.to_dict() if layout else None})
 
 
-def array_attributes(name: str, layout: ParamLayout | None) -> dict[str, Any]:
-    """The attributes every generation array carries, so a plain Zarr reader sees the layout."""
-    return {PARAM_ATTR: {"name": name, "layout": layout.to_dict() if layout else None}}
+def array_attributes(name: str, layout: ParamLayout | None, pending: bool = False) -> dict[str, Any]:
+    """The attributes every generation array carries, so a plain Zarr reader sees the layout.
+
+    ``pending``: written before any commit names the generation; the writer drops the mark
+    once one does, so a plain listing never takes uncommitted work for live data.
+    """
+    body: dict[str, Any] = {"name": name, "layout": layout.to_dict() if layout else None}
+    if pending:
+        body["pending"] = True
+    return {PARAM_ATTR: body}
+
+
+def is_pending(doc: dict[str, Any] | None) -> bool:
+    """Whether an array's header carries the pending mark of an uncommitted generation."""
+    body = node_attr(doc, PARAM_ATTR)
+    return isinstance(body, dict) and bool(body.get("pending"))

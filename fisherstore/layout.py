@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import HeadIndexError, LayoutError
@@ -230,8 +230,9 @@ class ParamLayout:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ParamLayout:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**d)
+        """Inverse of :meth:`to_dict`. Keys a newer fisherstore may add are ignored (docs/format.md)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     def __repr__(self) -> str:
         if not self.has_heads:

@@ -17,23 +17,53 @@ import errno
 import json
 import os
 import socket
+import stat
 import time
 from typing import Any
 
-from .errors import StoreLockedError
+from .errors import CorruptStoreError, StoreLockedError
 
 LOCK_NAME = ".fisherstore.lock"
 
 __all__ = ["StoreLock", "StoreLockedError", "LOCK_NAME", "read_holder", "holder_alive"]
 
 
-def read_holder(path: str) -> dict[str, Any]:
-    """The record ``{pid, host, since}`` in a lock file ({} if none or unreadable)."""
+#: A lock record is a few dozen bytes; anything longer is not one of ours.
+_MAX_RECORD = 4096
+_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_lock_file(path: str, flags: int) -> int:
+    """Open the lock file without following a link, and only if it is a regular file.
+
+    A crafted store could make ``.fisherstore.lock`` a link to a file of the user's; a
+    writer that followed it would truncate that file.
+    """
     try:
-        with open(path, "rb") as f:
-            rec = json.loads(f.read() or b"{}")
+        fd = os.open(path, flags | _FLAGS, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptStoreError(f"the writer lock {path!r} is a symbolic link; remove it (fisherstore never "
+                                    "follows links inside a store)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptStoreError(f"the writer lock {path!r} is not a regular file; remove it")
+    return fd
+
+
+def read_holder(path: str) -> dict[str, Any]:
+    """The record ``{pid, host, since}`` in a lock file ({} if none, unreadable, a link or not a file)."""
+    try:
+        fd = _open_lock_file(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (OSError, CorruptStoreError):
+        return {}
+    try:
+        rec = json.loads(os.read(fd, _MAX_RECORD) or b"{}")
     except (OSError, ValueError):
         return {}
+    finally:
+        os.close(fd)
     return rec if isinstance(rec, dict) else {}
 
 
@@ -42,7 +72,7 @@ def holder_alive(holder: dict[str, Any]) -> bool | None:
     if holder.get("host") != socket.gethostname():
         return None
     pid = holder.get("pid")
-    return bool(pid) and _pid_alive(int(pid))
+    return isinstance(pid, int) and pid > 0 and _pid_alive(pid)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -74,7 +104,13 @@ class StoreLock:
     def _locked_error(self, holder: dict[str, Any], stale: bool) -> StoreLockedError:
         who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
         since = holder.get("since")
-        when = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else ""
+        when = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if isinstance(since, (int, float)) else ""
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            return StoreLockedError(
+                f"the store at {os.path.dirname(self.path)!r} is held by this process (pid {os.getpid()}){when}: "
+                "another FisherStore object on this path is still open (in a notebook, often the one the cell "
+                "made before). Close it with store.close() (or use `with fisherstore.open(...)`), then reopen."
+            )
         if stale:
             return StoreLockedError(
                 f"the store at {os.path.dirname(self.path)!r} has a stale writer lock from {who}{when}: that "
@@ -100,7 +136,11 @@ class StoreLock:
     def _acquire_flock(self) -> None:
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # The file is created once, then the lock is held through a read-only descriptor: a
+        # writer between operations keeps nothing open for writing, so its filesystem can
+        # still be remounted read-only, and a failing disk cannot keep the lock from closing.
+        os.close(_open_lock_file(self.path, os.O_WRONLY | os.O_CREAT))
+        fd = _open_lock_file(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -109,31 +149,48 @@ class StoreLock:
         except BaseException:
             os.close(fd)
             raise
-        old = self._holder()
-        if old.get("pid") and old.get("pid") != os.getpid():
-            self.previous = old  # a writer that died without releasing its record
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, self._me(), 0)
-        os.fsync(fd)
+        try:
+            old = self._holder()
+            if old.get("pid") and old.get("pid") != os.getpid():
+                self.previous = old  # a writer that died without releasing its record
+            self._write_record(self._me())
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
+
+    def _write_record(self, record: bytes) -> None:
+        wfd = _open_lock_file(self.path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(wfd, record)
+            os.fsync(wfd)
+        finally:
+            os.close(wfd)
 
     def _acquire_pidfile(self) -> None:
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = _open_lock_file(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
                 holder = self._holder()
                 same_host = holder.get("host") == socket.gethostname()
                 pid = holder.get("pid")
-                stale = bool(pid) and same_host and not _pid_alive(int(pid))
+                stale = isinstance(pid, int) and pid > 0 and same_host and not _pid_alive(pid)
                 if stale and self.force or (self.force and not same_host):
                     self.previous = holder
                     os.unlink(self.path)
                     continue
                 raise self._locked_error(holder, stale=stale) from None
-            os.write(fd, self._me())
-            os.fsync(fd)
-            self._fd = fd
+            try:
+                os.write(fd, self._me())
+                os.fsync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                raise
+            finally:
+                os.close(fd)  # the file itself is the lock
+            self._fd = -1
             return
 
     def release(self, remove_file: bool = False) -> None:
@@ -141,12 +198,17 @@ class StoreLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
-        if self.mode == "pidfile" or remove_file:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-        else:
-            os.ftruncate(fd, 0)  # keep the file: unlinking a flock file races with new lockers
-        os.close(fd)
+        try:
+            if self.mode == "pidfile" or remove_file:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+            else:
+                self._write_record(b"")  # keep the file: unlinking a flock file races with new lockers
+        except OSError:
+            pass  # a read-only or failing disk: the record stays, but the lock itself must go
+        finally:
+            if fd >= 0:
+                os.close(fd)  # closing releases the flock, whatever happened above
 
     @property
     def held(self) -> bool:

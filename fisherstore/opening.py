@@ -1,7 +1,8 @@
 """Opening a store on a backend: the writer lock, the root document, and crash recovery.
 
 The order (docs/architecture.md): a writer takes the lock before it reads or cleans
-anything, so recovery never races another writer; then ``mode="w"`` replaces the store
+anything, so recovery never races another writer, and only then looks at what is there
+(another writer may have created the store meanwhile); then ``mode="w"`` replaces the store
 (only if it is one of ours), a missing store is created (only in an empty directory), or
 the root document is validated; then a writer deletes what a crashed writer left.
 """
@@ -14,19 +15,29 @@ from ._version import __version__
 from .backends import ArrayBackend
 from .catalog import Catalog
 from .codecs import CodecSpec
-from .commit import recover
-from .errors import NotAFisherStoreError, RecoveryWarning, listing
-from .format import DOC, StoreDoc
-from .lock import LOCK_NAME, StoreLock
+from .commit import mark_committed, recover
+from .errors import FisherStoreError, NotAFisherStoreError, RecoveryWarning, StorageError, listing
+from .format import DOC, StoreDoc, doc_key, is_pending
+from .lock import StoreLock
 
 __all__ = ["take_lock", "release_lock", "open_root", "recover_leftovers"]
 
 
 def take_lock(backend: ArrayBackend, force: bool) -> StoreLock:
     """The writer lock of the store at ``backend``'s location (made if missing)."""
-    backend.ensure_root()
-    lock = StoreLock(backend.location, force=force)
-    lock.acquire()
+    try:
+        backend.ensure_root()
+        lock = StoreLock(backend.location, force=force)
+        lock.acquire()
+    except OSError as e:
+        if isinstance(e, FisherStoreError):
+            raise
+        raise StorageError(
+            e.errno,
+            f"cannot take the writer lock of {backend.location!r}: {e.strerror or e}. A writer needs a writable "
+            "directory (a read-only filesystem, or one without permission, can only be read: open it with "
+            "mode='r').",
+        ) from e
     return lock
 
 
@@ -35,18 +46,24 @@ def release_lock(lock: StoreLock | None, backend: ArrayBackend) -> None:
         lock.release(remove_file=not backend.exists())
 
 
-def open_root(backend: ArrayBackend, mode: str, codecs: CodecSpec | None, leader: bool) -> StoreDoc:
-    """The store's root document: replaced (``"w"``), created (``"a"``/``"w"``) or validated.
+def open_root(backend: ArrayBackend, mode: str, codecs: CodecSpec | None, leader: bool) -> tuple[StoreDoc, bool]:
+    """The store's root document, and whether this open replaced the store.
 
-    Only the leader of a rank group replaces or creates; the others open what it made.
+    ``mode="w"`` replaces a store of ours by writing a new, empty root document (a new
+    uuid, no tasks) over the old one: that one atomic write is the replacement, and the
+    old tasks become unlisted nodes that recovery deletes. A crash at any moment leaves
+    either the old store or an empty one. A missing store is created (``"a"``/``"w"``), but
+    only in an empty directory. Only the leader of a rank group replaces or creates.
     """
     where = backend.location or "<ram>"
-    if mode == "w" and leader and backend.exists():
-        StoreDoc.from_doc(backend.read_json(DOC), where)  # never wipe a directory that isn't ours
-        backend.clear(keep=(LOCK_NAME,))
     doc = backend.read_json(DOC)
-    if doc is not None or mode not in ("a", "w"):
-        return StoreDoc.from_doc(doc, where)
+    if doc is not None and mode == "w" and leader:
+        StoreDoc.from_doc(doc, where)  # never replace a directory that isn't ours
+        new = StoreDoc.new(__version__, (codecs or CodecSpec()).to_dict())
+        backend.write_json(DOC, new.to_doc())
+        return new, True
+    if doc is not None or mode not in ("a", "w") or not leader:
+        return StoreDoc.from_doc(doc, where), False
     backend.ensure_root()
     if backend.holds_other_files():
         raise NotAFisherStoreError(
@@ -55,13 +72,19 @@ def open_root(backend: ArrayBackend, mode: str, codecs: CodecSpec | None, leader
         )
     new = StoreDoc.new(__version__, (codecs or CodecSpec()).to_dict())
     backend.write_json(DOC, new.to_doc())
-    return new
+    return new, False
 
 
-def recover_leftovers(backend: ArrayBackend, catalog: Catalog, lock: StoreLock | None) -> None:
-    """Delete what a crashed writer left, and say so with a :class:`RecoveryWarning`."""
+def recover_leftovers(backend: ArrayBackend, catalog: Catalog, lock: StoreLock | None, quiet: bool = False) -> None:
+    """Delete what a crashed writer left, and say so with a :class:`RecoveryWarning` (unless ``quiet``)."""
     nodes = [lo.key for lo in recover(backend, catalog) if lo.kind != "temp_file"]
-    if nodes:
+    if nodes or (lock is not None and lock.previous):
+        # A writer died: a commit it made may have landed before it dropped the pending marks.
+        for t in catalog:
+            stale = [n for n, p in t.params.items()
+                     if p.gen is not None and is_pending(backend.read_json(doc_key(p.gen_key(p.gen))))]
+            mark_committed(backend, t, stale)
+    if nodes and not quiet:
         prev = lock.previous if lock is not None else None
         who = f" (pid {prev.get('pid')} on host {prev.get('host')})" if prev else ""
         warnings.warn(

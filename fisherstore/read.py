@@ -17,9 +17,12 @@ Usage (through the store)::
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +30,7 @@ import torch
 from .backends import ArrayBackend
 from .catalog import Catalog, ParamState
 from .ema import readout_scale
-from .errors import CorruptChunkError, FisherStoreError, HeadIndexError
+from .errors import CorruptChunkError, CorruptStoreError, FisherStoreError, HeadIndexError
 from .regions import Region, chunk_coords, chunk_region, region_shape
 
 __all__ = ["ReadPath", "read_generation"]
@@ -37,9 +40,26 @@ RETRIES = 8
 
 
 def read_generation(backend: ArrayBackend, task: str, p: ParamState, gen: int, region: Region) -> np.ndarray:
-    """``region`` of generation ``gen`` of ``p`` as a writeable fp32 array; a bad chunk is named exactly."""
+    """``region`` of generation ``gen`` of ``p`` as a writeable fp32 array; a bad chunk is named exactly.
+
+    The generation's header must say what the manifest says (float32, the same shape and
+    chunks): anything else is a :class:`CorruptStoreError`, never values read another way.
+    """
+    key = p.gen_key(gen)
+    meta = backend.array_meta(key)
+    if meta is None:
+        raise CorruptChunkError(
+            f"cannot read task {task!r}, parameter {p.name!r}: its generation {gen} ({backend.url(key)}) is "
+            "missing. Run `fisherstore verify` on the store."
+        )
+    if meta["data_type"] != "float32" or tuple(meta["shape"]) != p.shape or tuple(meta["chunks"]) != p.chunks:
+        raise CorruptStoreError(
+            f"task {task!r}, parameter {p.name!r}: generation {gen} is a {meta['data_type']} array of shape "
+            f"{tuple(meta['shape'])} in chunks {tuple(meta['chunks'])}, but the manifest says float32 {p.shape} in "
+            f"chunks {p.chunks}. The store is damaged or was not written by fisherstore; run `fisherstore verify`."
+        )
     try:
-        data = backend.read(p.gen_key(gen), region)
+        data = backend.read(key, region)
     except FisherStoreError:
         raise
     except Exception as e:  # the libraries raise assorted types for bad chunks
@@ -67,44 +87,86 @@ def _bad_chunks(backend: ArrayBackend, p: ParamState, gen: int, region: Region) 
     return bad or coords
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """What one read needs of the state, taken under the lock; the disk is read outside it."""
+
+    param: ParamState
+    src: int | None  # the generation to read (None: all zeros)
+    src_scale: float
+    acc: torch.Tensor | None  # a copy of the accumulator's region
+    acc_scale: float
+    revision: tuple
+
+
 class ReadPath:
     """Reads regions of the stored Fisher for one store.
 
     Args:
         backend: where the generations are.
         catalog: the tasks and their state.
+        lock: guards the state against the writing thread.
         reload: ``reload(task) -> bool`` reloads a task's manifest if a writer committed
             since (True if it changed); None for a writable store, which is the writer.
+        identity: raises :class:`StoreReplacedError` if the store was replaced since it was
+            opened (readers only; checked after every read).
     """
 
-    def __init__(self, backend: ArrayBackend, catalog: Catalog, reload: Callable[[str], bool] | None) -> None:
+    def __init__(self, backend: ArrayBackend, catalog: Catalog, lock: threading.RLock,
+                 reload: Callable[[str], bool] | None = None, identity: Callable[[], None] | None = None) -> None:
         self.backend = backend
         self.catalog = catalog
+        self.lock = lock
         self.reload = reload
+        self.identity = identity
 
     def region(self, task: str, name: str, region: Region, bias_corrected: bool) -> torch.Tensor:
-        """The EMA value of ``region`` at the task's current step, as fp32."""
-        for _ in range(RETRIES):
+        """The EMA value of ``region`` at the task's current step, as fp32, whole at one step."""
+        for attempt in range(RETRIES + 1):
+            snap = self._snapshot(task, name, region, bias_corrected)
             try:
-                return self._once(task, name, region, bias_corrected)
+                out = self._combine(task, snap, region)
             except CorruptChunkError:
-                # A reader racing a writer: the generation it knew was superseded and deleted
-                # by a newer commit. Read that commit instead (each read is whole, at one step).
-                if self.reload is None or not self.reload(task):
-                    raise
-        return self._once(task, name, region, bias_corrected)
+                # Racing a writer: the generation this read used was superseded and deleted by a
+                # newer commit. Read that commit instead, whoever noticed it first (another
+                # thread of a head sweep may have reloaded the task already).
+                changed = self.reload(task) if self.reload is not None else False
+                if attempt < RETRIES and (changed or self._revision(task, name) != snap.revision):
+                    continue
+                if self.identity is not None:
+                    self.identity()
+                raise
+            if self.identity is not None:
+                self.identity()
+            return out
+        raise AssertionError("unreachable")
 
-    def _once(self, task: str, name: str, region: Region, bias_corrected: bool) -> torch.Tensor:
-        t = self.catalog.task(task)
-        p = self.catalog.param(task, name)
-        src, src_t = p.latest()
-        if src is None:
+    def _revision(self, task: str, name: str) -> tuple:
+        with self.lock:
+            return _revision(self.catalog.task(task), self.catalog.param(task, name))
+
+    def _snapshot(self, task: str, name: str, region: Region, bias_corrected: bool) -> _Snapshot:
+        with self.lock:
+            t = self.catalog.task(task)
+            p = self.catalog.param(task, name)
+            src, src_t = p.latest()
+            acc = None
+            if p.a_last is not None:
+                acc = p.acc[region].to("cpu", dtype=torch.float32, copy=True)
+            return _Snapshot(
+                p, src, readout_scale(p.decay, t.step, src_t, bias_corrected) if src is not None else 0.0,
+                acc, readout_scale(p.decay, t.step, p.a_last, bias_corrected) if acc is not None else 0.0,
+                _revision(t, p),
+            )
+
+    def _combine(self, task: str, snap: _Snapshot, region: Region) -> torch.Tensor:
+        if snap.src is None:
             out = torch.zeros(region_shape(region), dtype=torch.float32)
         else:
-            out = torch.from_numpy(read_generation(self.backend, task, p, src, region))
-            out.mul_(readout_scale(p.decay, t.step, src_t, bias_corrected))
-        if p.a_last is not None:
-            out.add_(p.acc[region].cpu(), alpha=readout_scale(p.decay, t.step, p.a_last, bias_corrected))
+            out = torch.from_numpy(read_generation(self.backend, task, snap.param, snap.src, region))
+            out.mul_(snap.src_scale)
+        if snap.acc is not None:
+            out.add_(snap.acc, alpha=snap.acc_scale)
         return out
 
     def iter_heads(self, task: str, names: Sequence[str] | None, block: str | None, workers: int,
@@ -115,18 +177,19 @@ class ReadPath:
         its group). Up to ``2 * workers`` block reads are in flight across parameter
         boundaries, so the disk never waits on the caller.
         """
-        t = self.catalog.task(task)
-        if names is None:
-            names = [n for n, p in t.params.items() if p.layout is not None and p.layout.has_heads]
-        todo = []
-        for name in names:
-            layout = self.catalog.param(task, name).layout
-            if layout is None or not layout.has_heads:
-                raise HeadIndexError(f"parameter {name!r} of task {task!r} has no head layout")
-            ndim = len(self.catalog.param(task, name).shape)
-            for b in [block.upper()] if block else list(layout.blocks):
-                step = layout.group_size if b in "KV" else 1
-                todo += [(name, h, b, layout.head_index(h, b, ndim)) for h in range(0, layout.num_heads, step)]
+        with self.lock:
+            t = self.catalog.task(task)
+            if names is None:
+                names = [n for n, p in t.params.items() if p.layout is not None and p.layout.has_heads]
+            todo = []
+            for name in names:
+                layout = self.catalog.param(task, name).layout
+                if layout is None or not layout.has_heads:
+                    raise HeadIndexError(f"parameter {name!r} of task {task!r} has no head layout")
+                ndim = len(self.catalog.param(task, name).shape)
+                for b in [block.upper()] if block else list(layout.blocks):
+                    step = layout.group_size if b in "KV" else 1
+                    todo += [(name, h, b, layout.head_index(h, b, ndim)) for h in range(0, layout.num_heads, step)]
 
         def read(name: str, idx: tuple[slice, ...]) -> torch.Tensor:
             shape = self.catalog.param(task, name).shape
@@ -144,3 +207,8 @@ class ReadPath:
                 if nxt is not None:
                     pending.append((*nxt[:3], ex.submit(read, nxt[0], nxt[3])))
                 yield name, h, b, fut.result()
+
+
+def _revision(t: Any, p: ParamState) -> tuple:
+    """Changes whenever what a read of ``p`` would see changes (a commit, a step, a reload)."""
+    return id(t), t.commit, t.step, p.gen, p.work_gen, p.a_last

@@ -24,7 +24,9 @@ Usage::
 
 from __future__ import annotations
 
-import dataclasses
+import threading
+import warnings
+import weakref
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -38,12 +40,16 @@ from .dist import RankGroup
 from .ema import validate_decay
 from .errors import (
     FisherStoreError,
+    FlushError,
     InvalidArgumentError,
     ReadOnlyError,
     SliceError,
+    StepDiscardedWarning,
     StepError,
+    StoreReplacedError,
+    listing,
 )
-from .format import DOC, ESTIMATORS, TaskManifest, doc_key, encode_name, param_doc
+from .format import DOC, ESTIMATORS, StoreDoc, TaskManifest, doc_key, encode_name, json_value
 from .iopool import IOPool
 from .layout import ParamLayout
 from .lazy import LazyFisher
@@ -63,12 +69,17 @@ class FisherStore:
 
     Open one with :func:`fisherstore.open`. ``FisherStore(backend, mode=..., ...)`` opens
     a store on a backend object you built (see :class:`~fisherstore.options.StoreOptions`).
+
+    Threads: one thread writes (steps, flushes); any number of threads may read at the
+    same time (``fisher()[...]``, ``read``, ``iter_heads``, ``metadata``), each read whole
+    at one step. Creation and ``set_metadata`` touch only RAM: a flush (or ``close``)
+    commits them with the steps.
     """
 
     def __init__(self, backend: ArrayBackend, options: StoreOptions | None = None, **kw: Any) -> None:
-        opts = options if options is not None else StoreOptions(**kw)
         if options is not None and kw:
             raise InvalidArgumentError("pass either options= or keyword options, not both")
+        opts = options if options is not None else StoreOptions(**kw)
         self._backend = backend
         self.options = opts
         budget = opts.memory_budget
@@ -77,46 +88,42 @@ class FisherStore:
         self.plan = MemoryPlan.from_budget(budget, opts.io_workers)
         self._group = opts.group or RankGroup.solo()
         self._catalog = Catalog()
+        self._state_lock = threading.RLock()
         self._residency = Residency(self.plan, opts.device_budget)
         self._pool = IOPool(self.plan.workers, self.plan.queue_bytes)
         if backend.persistent and opts.writable:
             bound_allocator()
-        self._closed = False
         self._active: StepWriter | None = None
         self._steps_since_flush = 0
         self._lock: StoreLock | None = None
+        if backend.persistent and self.writable and self._group.is_leader:
+            self._lock = take_lock(backend, opts.force)
+        self._res = _Resources(backend, self._pool, self._lock, self._catalog)
+        self._finalizer = weakref.finalize(self, self._res.abandon)
         try:
-            self._acquire_lock()
             if self._group.is_leader:
                 self._open()
             self._group.barrier()  # the leader creates or cleans the store before any other rank looks
             if not self._group.is_leader:
                 self._open()
         except BaseException:
-            self._pool.shutdown()
-            self._release_lock()
+            self._finalizer.detach()
+            self._res.release()
             raise
-        self._write = WritePath(backend, self._pool, self.plan, self._residency, self.codecs, opts.nonfinite)
+        self._write = WritePath(backend, self._pool, self.plan, self._residency, self.codecs, opts.nonfinite,
+                                self._state_lock)
         self._commit = Committer(backend, self._write, self._group, opts.progress)
-        self._read = ReadPath(backend, self._catalog, None if self.writable else self._reload)
+        self._read = ReadPath(backend, self._catalog, self._state_lock,
+                              None if self.writable else self._reload, None if self.writable else self._check_identity)
 
     # -- opening and closing --------------------------------------------------------------
-    def _acquire_lock(self) -> None:
-        # One writer per store. In a rank group, the leader holds the lock for the group
-        # (the other ranks write only chunks the leader does not).
-        if self._backend.persistent and self.writable and self._group.is_leader:
-            self._lock = take_lock(self._backend, self.options.force)
-
-    def _release_lock(self) -> None:
-        lock, self._lock = self._lock, None
-        release_lock(lock, self._backend)
-
     def _open(self) -> None:
-        self._doc = open_root(self._backend, self.mode, self.options.codecs, self._group.is_leader)
+        self._doc, replaced = open_root(self._backend, self.mode, self.options.codecs, self._group.is_leader)
+        self._doc_version = self._backend.version(DOC)
         for name, key in self._doc.tasks.items():
             self._catalog.add(self._load_task(name, key))
         if self.writable and self._group.is_leader:
-            recover_leftovers(self._backend, self._catalog, self._lock)
+            recover_leftovers(self._backend, self._catalog, self._lock, quiet=replaced)
         self.codecs = CodecSpec.from_dict(self._doc.codecs)
 
     def _load_task(self, name: str, key: str) -> TaskState:
@@ -132,25 +139,52 @@ class FisherStore:
             p.resident = self._residency.admit(p.nbytes)
 
     def _reload(self, task: str) -> bool:
-        """Reload ``task`` from its manifest if a writer committed since; True if it changed."""
-        t = self._catalog.task(task)
-        if TaskManifest.commit_of(self._backend.read_json(doc_key(t.key))) in (None, t.commit):
-            return False
-        self._catalog.add(self._load_task(task, t.key))
-        return True
+        """Reload ``task`` from its manifest if a writer committed since; True if it changed (readers only)."""
+        with self._state_lock:
+            self._check_identity()
+            t = self._catalog.task(task)
+            if TaskManifest.commit_of(self._backend.read_json(doc_key(t.key))) in (None, t.commit):
+                return False
+            self._catalog.add(self._load_task(task, t.key))
+            return True
+
+    def _check_identity(self) -> None:
+        """A reader's check that the store it opened is still there, not replaced by ``mode="w"``."""
+        version = self._backend.version(DOC)
+        if version == self._doc_version:
+            return
+        with self._state_lock:
+            try:
+                now = StoreDoc.from_doc(self._backend.read_json(DOC), self.path or "<ram>")
+            except FisherStoreError:
+                now = None
+            if now is None or now.uuid != self._doc.uuid:
+                raise StoreReplacedError(
+                    f"the store at {self.path!r} was replaced (or removed) since this reader opened it; its values "
+                    "are gone. Reopen it with fisherstore.open(path, mode='r') to read the new store."
+                )
+            self._doc_version = version  # the same store: a writer listed a new task
 
     def close(self) -> None:
-        """Flush (when writable) and release the backend. Safe to call twice."""
-        if self._closed:
+        """Flush (when writable) and release the backend. Safe to call twice.
+
+        A step still open is discarded with a :class:`StepDiscardedWarning`; the steps
+        before it are flushed.
+        """
+        if self.closed:
             return
         try:
-            if self.writable and self._active is None:
+            if self.writable:
+                if self._active is not None:
+                    st = self._active
+                    st.discard()
+                    warnings.warn(f"{self!r}: step {st.t} of task {st.task!r} was still open when the store closed and "
+                                  "is discarded; the steps before it are flushed. Leave a step's `with` block before "
+                                  "closing its store.", StepDiscardedWarning, stacklevel=2)
                 self.flush()
         finally:
-            self._closed = True
-            self._pool.shutdown()
-            self._backend.close()
-            self._release_lock()
+            self._finalizer.detach()
+            self._res.release()
 
     def __enter__(self) -> FisherStore:
         return self
@@ -159,25 +193,13 @@ class FisherStore:
         self.close()
 
     # -- properties ---------------------------------------------------------------------
-    @property
-    def mode(self) -> str:
-        return self.options.mode
-
-    @property
-    def decay(self) -> float:
-        return self.options.decay
-
-    @property
-    def nonfinite(self) -> str:
-        return self.options.nonfinite
-
-    @property
-    def flush_every(self) -> int | None:
-        return self.options.flush_every
-
-    @property
-    def memory_budget(self) -> int:
-        return self.plan.total
+    mode = property(lambda self: self.options.mode, doc="How the store was opened: 'r', 'r+', 'a' or 'w'.")
+    decay = property(lambda self: self.options.decay, doc="The default EMA β of new parameters.")
+    nonfinite = property(lambda self: self.options.nonfinite, doc="'raise' or 'skip' for NaN/Inf gradients.")
+    flush_every = property(lambda self: self.options.flush_every, doc="Steps between automatic flushes (None: off).")
+    memory_budget = property(lambda self: self.plan.total, doc="Bytes of RAM the store may hold.")
+    writable = property(lambda self: self.options.writable, doc="Whether the store was opened for writing.")
+    closed = property(lambda self: self._res.closed, doc="Whether close() has run.")
 
     @property
     def backend_name(self) -> str:
@@ -189,17 +211,9 @@ class FisherStore:
         """The store's directory (None for ``"ram"``)."""
         return self._backend.location
 
-    @property
-    def writable(self) -> bool:
-        return self.mode != "r"
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def __repr__(self) -> str:
         n_params = sum(len(t.params) for t in self._catalog)
-        state = "closed" if self._closed else f"mode={self.mode!r}"
+        state = "closed" if self.closed else f"mode={self.mode!r}"
         return (
             f"<FisherStore {self.backend_name} {self.path or ''!s} {state} tasks={len(self._catalog)} "
             f"params={n_params}>".replace("  ", " ")
@@ -212,7 +226,8 @@ class FisherStore:
 
     def params(self, task: str) -> list[str]:
         """Names of the parameters tracked for ``task``, in creation order."""
-        return list(self._cat().task(task).params)
+        with self._state_lock:
+            return list(self._cat().task(task).params)
 
     def param(self, task: str, name: str) -> ParamInfo:
         """Shape, chunks, layout and decay of one tracked parameter."""
@@ -232,20 +247,31 @@ class FisherStore:
 
     def revision(self, task: str) -> Hashable:
         """A token that changes whenever the values of ``task`` may have changed (for caches)."""
-        return (id(self), self._cat().task(task).step)
+        t = self._cat().task(task)
+        return (self._doc.uuid or id(self), t.commit, t.step)
 
     def metadata(self, task: str | None = None) -> dict[str, Any]:
         """Store metadata (``task=None``) or one task's: step, tokens, estimator, model, ..."""
         cat = self._cat()
-        if task is None:
+        with self._state_lock:
+            if task is not None:
+                return cat.task(task).metadata()
             return {"format_version": self._doc.format_version, "written_by": self._doc.written_by,
-                    "backend": self.backend_name, "path": self.path, "codecs": self.codecs.to_dict(),
-                    "tasks": cat.names()}
-        return cat.task(task).metadata()
+                    "uuid": self._doc.uuid, "backend": self.backend_name, "path": self.path,
+                    "codecs": self.codecs.to_dict(), "tasks": cat.names()}
 
-    def nbytes_on_disk(self, task: str | None = None, name: str | None = None, *, chunks_only: bool = False) -> int:
-        """Bytes the store (or a task, or a parameter's generations) takes on its medium."""
+    def nbytes_on_disk(self, task: str | None = None, name: str | None = None, *, chunks_only: bool = False,
+                       committed: bool = False) -> int:
+        """Bytes the store (or a task, or a parameter) takes on its medium.
+
+        ``committed=True`` counts only the chunks of the generations the last commit names
+        (what a reader sees), not a writer's uncommitted work.
+        """
         cat = self._cat()
+        if committed:
+            ts = cat if task is None else [cat.task(task)]
+            return sum(self._backend.nbytes(p.gen_key(p.gen), chunks_only=chunks_only) for t in ts
+                       for n, p in t.params.items() if p.gen is not None and name in (None, n))
         key = "" if task is None else cat.task(task).key if name is None else cat.param(task, name).key
         return self._backend.nbytes(key, chunks_only=chunks_only)
 
@@ -256,18 +282,25 @@ class FisherStore:
     def set_metadata(
         self, task: str, *, estimator: str | None = None, model: Mapping[str, Any] | None = None, **user: Any
     ) -> None:
-        """Record the estimator, a model description and free-form fields for ``task``."""
+        """Record the estimator, a model description and free-form fields for ``task`` (committed by the next flush).
+
+        Values must be JSON: numbers (numpy scalars are converted), strings, bools, None,
+        lists and dicts. Anything else is refused here, and nothing of the call is kept.
+        """
         self._check_writable("set_metadata")
         t = self._cat().task(task)
         if estimator not in ESTIMATORS:
             raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if estimator is not None:
-            t.info["estimator"] = estimator
-        if model is not None:
-            t.info["model"] = dict(model)
-        if user:
-            t.info.setdefault("user", {}).update(user)
-        self._commit.write_manifest(t.manifest(), t.key)
+        model = json_value(dict(model), "model") if model is not None else None
+        user = json_value(user, "set_metadata()") if user else {}
+        with self._state_lock:
+            if estimator is not None:
+                t.info["estimator"] = estimator
+            if model is not None:
+                t.info["model"] = model
+            if user:
+                t.info.setdefault("user", {}).update(user)
+            t.changed = True
 
     # -- creation -----------------------------------------------------------------------
     def create(
@@ -283,6 +316,7 @@ class FisherStore:
         """Start tracking parameter ``name`` of ``task`` (creating the task if new).
 
         Creating an existing parameter with the same shape and layout does nothing.
+        Creation is not a commit: the next flush (or ``close``) writes it, in one batch.
 
         Args:
             shape: the parameter's native shape (Linear ``[out, in]``, Conv1D ``[in, out]``).
@@ -296,30 +330,26 @@ class FisherStore:
                 decay: float | None = None, chunks: Sequence[int] | None = None) -> ParamState:
         self._check_writable("create")
         beta = self.decay if decay is None else validate_decay(decay)
-        t = self._cat().get(task) or TaskState(task, encode_name(task, "task name"))
-        p = t.new_param(name, shape, layout, beta, chunks)  # refused before anything is written
-        if p is None:
-            return t.params[name]
-        t = self._task_or_create(task)
-        if self._group.is_leader:
-            self._backend.write_json(doc_key(p.key), param_doc(name, p.shape, layout))
-        self._place(p, len(t.params))
-        t.params[name] = p
-        self._commit.write_manifest(t.manifest(), t.key)
-        return p
+        with self._state_lock:
+            t = self._cat().get(task) or TaskState(task, encode_name(task, "task name"), listed=False)
+            p = t.new_param(name, shape, layout, beta, chunks)  # refused before the task is made
+            if p is None:
+                return t.params[name]
+            t = self._task_or_create(task)
+            self._place(p, len(t.params))
+            t.params[name] = p
+            t.changed = True
+            return p
 
     def _task_or_create(self, task: str) -> TaskState:
         t = self._cat().get(task)
         if t is not None:
             return t
         self._check_writable("create a task")
-        t = TaskState(name=task, key=encode_name(task, "task name"))
+        t = TaskState(name=task, key=encode_name(task, "task name"), listed=False, changed=True)
         if any(o.key == t.key for o in self._catalog):
-            raise FisherStoreError(f"task {task!r} collides with an existing task's directory")
-        self._commit.write_manifest(t.manifest(), t.key)
+            raise InvalidArgumentError(f"task {task!r} collides with an existing task's directory {t.key!r}")
         self._catalog.add(t)
-        if self._group.is_leader:
-            self._backend.write_json(DOC, dataclasses.replace(self._doc, tasks=self._catalog.keys()).to_doc())
         return t
 
     # -- updating -----------------------------------------------------------------------
@@ -335,10 +365,12 @@ class FisherStore:
 
         Parameters the task tracks but ``grads_sq`` omits get ``x = 0`` by lazy decay (their
         arrays are not rewritten). With ``tokens``, each value is divided by it (token
-        normalisation) and the count is added to the task's ``tokens_seen``.
+        normalisation) and the count is added to the task's ``tokens_seen``. Unknown
+        parameters are created on the fly when ``layouts`` names them (None: no heads).
 
-        Unknown parameters are created on the fly when ``layouts`` names them (a value of
-        None means "no heads").
+        Raises :class:`FlushError` when the step was applied but the automatic flush after
+        it (``flush_every``) failed: do not repeat the step. Any other error means the
+        step was discarded whole.
         """
         with self.begin_step(task, tokens=tokens, layouts=layouts) as st:
             for name, g in grads_sq.items():
@@ -361,16 +393,27 @@ class FisherStore:
             )
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0):
             raise InvalidArgumentError(f"tokens must be a positive int (the token count T) or None, got {tokens!r}")
-        t = self._task_or_create(task) if layouts is not None else self._cat().task(task)
+        with self._state_lock:
+            t = self._task_or_create(task) if layouts is not None else self._cat().task(task)
         self._active = StepWriter(self._write, t, tokens, dict(layouts or {}), self._create, self._step_ended)
         return self._active
 
     def _step_ended(self, st: StepWriter, applied: bool) -> None:
         self._active = None
-        if applied:
-            self._steps_since_flush += 1
-            if self.flush_every is not None and self._steps_since_flush >= self.flush_every:
-                self.flush()
+        if not applied:
+            return
+        self._steps_since_flush += 1
+        if self.flush_every is None or self._steps_since_flush < self.flush_every:
+            return
+        try:
+            self.flush()
+        except (FisherStoreError, OSError) as e:
+            raise FlushError(
+                getattr(e, "errno", None),
+                f"step {st.t} of task {st.task!r} was applied and is kept in RAM, but the automatic flush after it "
+                f"(flush_every={self.flush_every}) failed: {e}. Do not repeat the step (it would count twice); fix "
+                "the cause and call flush() again.",
+            ) from e
 
     def flush(self) -> None:
         """Fold RAM accumulators into new generations, sync once, and commit every dirty task."""
@@ -379,7 +422,7 @@ class FisherStore:
             return
         if self._active is not None:
             raise StepError("flush() inside an open step; leave the step's `with` block first")
-        self._commit.flush(self._catalog)
+        self._commit.flush(self._catalog, self._doc)
         self._steps_since_flush = 0
 
     # -- reading ------------------------------------------------------------------------
@@ -428,7 +471,7 @@ class FisherStore:
         return self._catalog
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self.closed:
             raise FisherStoreError("the store is closed; reopen it with fisherstore.open(path)")
 
     def _check_writable(self, what: str) -> None:
@@ -439,3 +482,33 @@ class FisherStore:
                 "with mode='r+' (or 'a') to write."
             )
 
+
+class _Resources:
+    """What an open store holds outside Python objects: the writer lock, the I/O threads, the backend.
+
+    Kept apart from the store so a store that is garbage-collected without ``close()`` (a
+    notebook cell run twice) still releases its lock: the finaliser needs no store.
+    """
+
+    def __init__(self, backend: ArrayBackend, pool: IOPool, lock: StoreLock | None, catalog: Catalog) -> None:
+        self.backend, self.pool, self.lock, self.catalog = backend, pool, lock, catalog
+        self.closed = False
+
+    def release(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.pool.shutdown()
+            self.backend.close()
+        finally:
+            release_lock(self.lock, self.backend)
+
+    def abandon(self) -> None:
+        """The store was garbage-collected (or the interpreter exits) without close()."""
+        lost = [t.name for t in self.catalog if t.dirty]
+        self.release()
+        if lost:
+            warnings.warn(f"a FisherStore at {self.backend.location!r} was never closed; the writer lock is released, "
+                          f"but what tasks {listing(lost)} did since their last flush is lost. Use `with "
+                          "fisherstore.open(...)` or call close().", ResourceWarning, stacklevel=2)

@@ -16,6 +16,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,10 +25,10 @@ from .backends import ArrayBackend, make_backend
 from .catalog import Catalog, ParamState, TaskState, load_task
 from .commit import find_leftovers
 from .errors import CorruptChunkError, FisherStoreError
-from .format import DOC, StoreDoc, chunk_key, doc_key, gen_name
+from .format import DOC, StoreDoc, TaskManifest, chunk_key, doc_key, gen_name
 from .lock import LOCK_NAME, holder_alive, read_holder
 from .read import read_generation
-from .regions import chunk_region, iter_grid
+from .regions import chunk_region, grid_shape, iter_grid
 
 __all__ = ["Finding", "VerifyReport", "verify_store"]
 
@@ -67,8 +68,18 @@ class VerifyReport:
                 f"{len(self.rolled_back)} rolled back, {self.chunks_checked} chunks checked>")
 
 
+#: How often verify re-reads a task whose manifest a live writer replaced while it was checked.
+RETRIES = 8
+#: More chunks than this in one array is no parameter fisherstore wrote (a 7B one has a few thousand).
+MAX_CHUNKS = 1 << 22
+
+
 def verify_store(path: str | os.PathLike[str], backend: str = "zarr") -> VerifyReport:
-    """Check the store at ``path``; never writes. See the module docstring."""
+    """Check the store at ``path``; never writes. See the module docstring.
+
+    Safe while a writer runs: a task whose manifest changed during its check is checked
+    again at its new commit, so a flush in progress is never reported as lost data.
+    """
     path = os.path.abspath(os.fspath(path))
     rep = VerifyReport(path)
     if not os.path.isdir(path):
@@ -79,28 +90,58 @@ def verify_store(path: str | os.PathLike[str], backend: str = "zarr") -> VerifyR
     try:
         catalog = Catalog()
         for name, key in StoreDoc.from_doc(be.read_json(DOC), path).tasks.items():
-            catalog.add(load_task(be.read_json, name, key))
-        for t in catalog:
-            for p in t.params.values():
-                if p.gen is not None:  # never flushed: all zeros, nothing on disk to check
-                    _check_generation(be, rep, t, p)
+            catalog.add(_check_task(be, rep, name, key))
         rep.rolled_back += [Finding(lo.kind, lo.message, be.url(lo.key), lo.task, lo.param)
                             for lo in find_leftovers(be, catalog)]
     except FisherStoreError as e:
         rep.problems.append(Finding("unreadable_store", str(e), path))
+    except OSError as e:  # permissions, I/O errors: a finding, never a traceback
+        rep.problems.append(Finding("unreadable_store", f"{type(e).__name__}: {e}", getattr(e, "filename", None)
+                                    or path))
     finally:
         be.close()
     _lock_note(rep)
     return rep
 
 
+def _check_task(be: ArrayBackend, rep: VerifyReport, name: str, key: str) -> TaskState:
+    """Check every committed generation of a task; retry while a writer commits it."""
+    for _ in range(RETRIES):
+        t = load_task(be.read_json, name, key)
+        found = VerifyReport(rep.path)
+        for p in t.params.values():
+            if p.gen is not None:  # never flushed: all zeros, nothing on disk to check
+                _check_generation(be, found, t, p)
+        if not found.problems or TaskManifest.commit_of(be.read_json(doc_key(key))) == t.commit:
+            break  # clean, or damaged at a commit that stayed put: the problems are real
+    rep.problems += found.problems
+    rep.chunks_checked += found.chunks_checked
+    rep.bytes_checked += found.bytes_checked
+    return t
+
+
 def _check_generation(be: ArrayBackend, rep: VerifyReport, t: TaskState, p: ParamState) -> None:
     gkey = p.gen_key(p.gen)
-    if be.read_json(doc_key(gkey)) is None:
+    meta = be.array_meta(gkey)
+    if meta is None:
         rep.problems.append(Finding(
             "missing_generation",
             f"task {t.name!r}, parameter {p.name!r}: committed generation {gen_name(p.gen)} is missing; "
             "its values are lost (restore the store from a copy, or recreate the parameter)",
+            be.url(gkey), t.name, p.name))
+        return
+    if meta["data_type"] != "float32" or tuple(meta["shape"]) != p.shape or tuple(meta["chunks"]) != p.chunks:
+        rep.problems.append(Finding(
+            "inconsistent_generation",
+            f"task {t.name!r}, parameter {p.name!r}: generation {gen_name(p.gen)} is a {meta['data_type']} array "
+            f"of shape {tuple(meta['shape'])} in chunks {tuple(meta['chunks'])}, but the manifest says float32 "
+            f"{p.shape} in chunks {p.chunks}; readers refuse it", be.url(gkey), t.name, p.name))
+        return
+    n_chunks = math.prod(grid_shape(p.shape, p.chunks))
+    if n_chunks > MAX_CHUNKS:
+        rep.problems.append(Finding(
+            "implausible_shape", f"task {t.name!r}, parameter {p.name!r}: shape {p.shape} in chunks {p.chunks} is "
+            f"{n_chunks} chunks, more than any parameter fisherstore writes; the store is damaged or crafted",
             be.url(gkey), t.name, p.name))
         return
     present = be.list_chunks(gkey)

@@ -16,8 +16,11 @@ block ends. Nothing reaches the disk's committed state until a flush commits
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,7 +40,7 @@ from .regions import (
     aligned_region,
     axis_region,
     chunk_span,
-    covers_once,
+    full_region,
     grid_shape,
     iter_slabs,
     offset_region,
@@ -58,8 +61,9 @@ class WritePath:
     """Writes generations for one store: streamed steps and flush folds, on a bounded I/O pool."""
 
     def __init__(self, backend: ArrayBackend, pool: IOPool, plan: MemoryPlan, residency: Residency,
-                 codecs: CodecSpec, nonfinite: str) -> None:
+                 codecs: CodecSpec, nonfinite: str, lock: threading.RLock | None = None) -> None:
         self.backend = backend
+        self.lock = lock or threading.RLock()  # guards RAM state against reader threads
         self.pool = pool
         self.plan = plan
         self.residency = residency
@@ -67,7 +71,9 @@ class WritePath:
         self.nonfinite = nonfinite
 
     def create_generation(self, p: ParamState, gen: int) -> None:
-        self.backend.create_array(p.gen_key(gen), p.shape, p.chunks, array_attributes(p.name, p.layout), self.codecs)
+        """A new generation, marked pending until a commit names it (docs/format.md)."""
+        self.backend.create_array(p.gen_key(gen), p.shape, p.chunks, array_attributes(p.name, p.layout, pending=True),
+                                  self.codecs)
 
     def rmw(self, task: str, p: ParamState, src: int | None, dst: int, region: Region, scale: float, x: Any,
             alpha: float) -> None:
@@ -122,9 +128,30 @@ class WritePath:
         bar.update(out.numel() * 4)
 
     def discard(self, t: TaskState, gens: dict[str, int]) -> None:
-        """Delete generations written for ``t`` that will never be committed."""
+        """Delete generations written for ``t`` that will never be committed.
+
+        Best effort: one that cannot be deleted (a failing disk) is an uncommitted
+        generation, which readers ignore and the next writer removes.
+        """
         for name, gen in gens.items():
-            self.backend.delete(t.params[name].gen_key(gen))
+            with contextlib.suppress(OSError):
+                self.backend.delete(t.params[name].gen_key(gen))
+
+
+@dataclass
+class _Fill:
+    """A resident parameter's accumulator for this step, filled in its twin buffer.
+
+    ``target[c] = β^Δ·acc[c] + Σ (1-β)/T·x`` for each chunk ``c`` the step feeds; the rest
+    is decayed when the step settles. The step is applied by swapping ``target`` with the
+    accumulator, so a discarded step leaves the accumulator untouched, and a gradient is
+    consumed before ``add`` returns (the caller may reuse its buffer).
+    """
+
+    target: torch.Tensor
+    covered: np.ndarray  # chunks along the split axis already in `target`
+    factor: float  # β^(t - a_last); 0 when the accumulator holds nothing yet
+    host: list[tuple[Region, HostCopy, float]] = field(default_factory=list)  # GPU grads bound for a RAM acc
 
 
 class StepWriter:
@@ -132,6 +159,7 @@ class StepWriter:
 
     Use it as a context manager. Leaving the ``with`` block settles the step: it is
     applied whole, or (if the block raised, or a background write failed) discarded whole.
+    ``add`` consumes each squared gradient before it returns.
     """
 
     def __init__(self, path: WritePath, task: TaskState, tokens: int | None, layouts: dict[str, Any],
@@ -144,8 +172,7 @@ class StepWriter:
         self.t = task.step + 1
         self._create = create
         self._on_end = on_end
-        # name -> [(region, grad², weight)]: resident contributions, applied when the step settles.
-        self.staged: dict[str, list[tuple[Region, Any, float]]] = {}
+        self.fills: dict[str, _Fill] = {}  # resident parameters this step feeds
         self.streamed: dict[str, int] = {}  # name -> the new uncommitted generation
         self.coverage: dict[str, np.ndarray] = {}  # name -> which chunks (along the split axis) it wrote
         self.futures: list[Future] = []
@@ -161,7 +188,7 @@ class StepWriter:
         if self._state != "open":
             return
         if exc_type is not None:
-            self._abort()
+            self.discard()
             return
         self.settle()
 
@@ -190,12 +217,19 @@ class StepWriter:
             self.skipped[name] = self.skipped.get(name, 0) + 1
             return
         alpha = step_weight(p.decay, self.tokens)
-        if p.resident:
-            # Staged by reference and applied when the step is: a step that raises leaves
-            # the accumulator untouched. The caller must not modify grad_sq until then.
-            self.staged.setdefault(name, []).append((region, self._stage(p, x), alpha))
-        else:
-            self._stream(p, HostCopy.start(x) if x.device.type != "cpu" else x, alpha, region)
+        try:
+            if p.resident:
+                fill = self._fill(p, x.device)
+                if fill.target.device.type == "cpu" and x.device.type != "cpu":
+                    # A GPU gradient for an accumulator in RAM: the copy starts now (into our own
+                    # pinned buffer) and is added when the step settles, so backward never waits.
+                    fill.host.append((region, HostCopy.start(x), alpha))
+                else:
+                    self._accumulate(p, fill, region, x.to(fill.target.device), alpha)
+            else:
+                self._stream(p, HostCopy.start(x) if x.device.type != "cpu" else x, alpha, region)
+        except OSError as e:
+            raise self._failed(e) from e
         self.touched.add(name)
 
     def _param_for(self, name: str, x: Any, region: Any) -> ParamState:
@@ -208,15 +242,46 @@ class StepWriter:
             raise unknown_param(self.task_state, name)
         return p
 
-    def _stage(self, p: ParamState, x: torch.Tensor) -> torch.Tensor | HostCopy:
-        """Resident gradients stay on their GPU within ``device_budget``, else go to pinned RAM."""
-        if x.device.type == "cpu":
-            return x
-        if p.acc is not None:
-            on_device = p.acc.device == x.device
-        else:
-            on_device = self.path.residency.admit_device(p.nbytes)
-        return x if on_device else HostCopy.start(x)
+    def _fill(self, p: ParamState, device: torch.device) -> _Fill:
+        fill = self.fills.get(p.name)
+        if fill is None:
+            if p.spare is None:
+                if p.acc is not None:
+                    where = p.acc.device
+                elif device.type != "cpu" and self.path.residency.admit_device(p.nbytes):
+                    where = device  # resident gradients stay on their GPU within device_budget
+                else:
+                    where = torch.device("cpu")
+                p.spare = torch.empty(p.shape, dtype=torch.float32, device=where)
+            factor = 0.0 if p.a_last is None else decay_factor(p.decay, self.t - p.a_last)
+            fill = self.fills[p.name] = _Fill(p.spare, np.zeros(_axis_chunks(p), dtype=bool), factor)
+        return fill
+
+    def _accumulate(self, p: ParamState, fill: _Fill, region: Region, x: torch.Tensor | None, alpha: float) -> None:
+        """``target = β^Δ·acc + alpha·x`` over ``region`` (``+= alpha·x`` where the step already wrote).
+
+        ``x`` None fills ``region`` with the decayed accumulator alone.
+        """
+        ax = split_axis(p.shape, p.chunks)
+        c0, c1 = chunk_span(region, p.chunks, ax)
+        for covered, a, b in runs(fill.covered, c0, c1):
+            sub = axis_region(p.shape, ax, a * p.chunks[ax], min(b * p.chunks[ax], p.shape[ax])) if p.shape else ()
+            tgt = fill.target[sub]
+            xs = None if x is None else x[offset_region(sub, _origin(region, ax))]
+            if not covered:
+                if fill.factor == 0.0:
+                    if xs is None:
+                        tgt.zero_()
+                    else:
+                        torch.mul(xs, alpha, out=tgt)
+                        continue
+                elif fill.factor == 1.0:
+                    tgt.copy_(p.acc[sub])
+                else:
+                    torch.mul(p.acc[sub], fill.factor, out=tgt)
+            if xs is not None:
+                tgt.add_(xs, alpha=alpha)
+        fill.covered[c0:c1] = True
 
     def _stream(self, p: ParamState, x: Any, alpha: float, region: Region) -> None:
         dst = self.streamed.get(p.name)
@@ -225,7 +290,7 @@ class StepWriter:
             dst = p.next_gen()
             self.path.create_generation(p, dst)
             self.streamed[p.name] = dst
-            self.coverage[p.name] = np.zeros(grid_shape(p.shape, p.chunks)[ax] if p.shape else 1, dtype=bool)
+            self.coverage[p.name] = np.zeros(_axis_chunks(p), dtype=bool)
         cov = self.coverage[p.name]
         c0, c1 = chunk_span(region, p.chunks, ax)
         if cov[c0:c1].any():  # a second contribution to the same chunks: wait for the first
@@ -236,8 +301,10 @@ class StepWriter:
             sub = axis_region(p.shape, ax, a * p.chunks[ax], min(b * p.chunks[ax], p.shape[ax])) if p.shape else ()
             for slab in iter_slabs(region_shape(sub), p.chunks, self.path.plan.slab_target):
                 absr = offset_region(slab, sub)
-                local = offset_region(absr, [-region[i].start if i == ax else 0 for i in range(len(absr))])
-                xs = x.sub(local) if isinstance(x, HostCopy) else x[local]
+                local = offset_region(absr, _origin(region, ax))
+                # Our own copy of each slab, so the caller may reuse its buffer once add() returns
+                # (a HostCopy is ours already). Slab by slab keeps it within the I/O queue's bound.
+                xs = x.sub(local) if isinstance(x, HostCopy) else x[local].clone()
                 self._submit(p, dst if covered else src, dst, absr, 1.0 if covered else scale, xs, alpha)
         cov[c0:c1] = True
 
@@ -249,7 +316,7 @@ class StepWriter:
         self._param_futures.setdefault(p.name, []).append(fut)
 
     def _fill_uncovered(self) -> None:
-        """Chunks of a streamed parameter this step did not touch still decay into the new generation."""
+        """What this step did not feed still decays: streamed chunks into the new generation, resident in RAM."""
         for name, cov in self.coverage.items():
             if cov.all():
                 continue
@@ -263,67 +330,60 @@ class StepWriter:
                 sub = axis_region(p.shape, ax, a * p.chunks[ax], min(b * p.chunks[ax], p.shape[ax]))
                 for slab in iter_slabs(region_shape(sub), p.chunks, self.path.plan.slab_target):
                     self._submit(p, src, self.streamed[name], offset_region(slab, sub), scale, None, 0.0)
+        for name, fill in self.fills.items():
+            p = self.task_state.params[name]
+            for region, copy, alpha in fill.host:
+                self._accumulate(p, fill, region, copy.get(), alpha)
+            if not fill.covered.all():
+                self._accumulate(p, fill, full_region(p.shape), None, 0.0)
 
     # -- settling -----------------------------------------------------------------------------
     def settle(self) -> None:
         """Wait for this step's writes, then apply it to RAM; on failure discard it whole and raise."""
         try:
             self._fill_uncovered()
-        except BaseException:
-            self._abort()
+        except BaseException as e:
+            self.discard()
+            if isinstance(e, OSError) and not isinstance(e, FisherStoreError):
+                raise self._failed(e) from e
             raise
         exc = wait_all(self.futures)
         if exc is not None:
-            self._abort()
-            needed = sum(self.task_state.params[n].nbytes for n in self.streamed)
-            cls = StorageError if isinstance(exc, OSError) else FisherStoreError
-            args = (exc.errno,) if isinstance(exc, OSError) else ()
-            raise cls(
-                *args,
-                f"step {self.t} of task {self.task!r} failed while writing in the background "
-                f"({type(exc).__name__}: {exc}); it needed {human_bytes(needed)} for the new generations of its "
-                f"streamed parameters. The step was discarded whole and the task stays at step "
-                f"{self.task_state.step}. Fix the cause (disk space, permissions) and repeat the step.",
-            ) from exc
-        self._apply()
+            self.discard()
+            raise self._failed(exc) from exc
+        with self.path.lock:
+            self._apply()
         self._state = "committed"
         self._on_end(self, True)
 
-    def _abort(self) -> None:
+    def discard(self) -> None:
+        """Drop this step whole: nothing it fed reaches the store. Safe to call twice."""
+        if self._state != "open":
+            return
         self._state = "aborted"
         wait_all(self.futures)
         self.path.discard(self.task_state, self.streamed)
-        self.staged.clear()
+        self.fills.clear()
         self._on_end(self, False)
+
+    def _failed(self, exc: BaseException) -> FisherStoreError:
+        needed = sum(self.task_state.params[n].nbytes for n in self.streamed)
+        cls = StorageError if isinstance(exc, OSError) else FisherStoreError
+        args = (exc.errno,) if isinstance(exc, OSError) else ()
+        return cls(
+            *args,
+            f"step {self.t} of task {self.task!r} failed while writing "
+            f"({type(exc).__name__}: {exc}); it needed {human_bytes(needed)} for the new generations of its "
+            f"streamed parameters. The step was discarded whole and the task stays at step "
+            f"{self.task_state.step}. Fix the cause (disk space, permissions) and repeat the step.",
+        )
 
     def _apply(self) -> None:
         """Apply the settled step to the task's RAM state: the one place a step changes it."""
         t = self.task_state
-        for name, entries in self.staged.items():
+        for name, fill in self.fills.items():
             p = t.params[name]
-            first = host_tensor(entries[0][1])
-            fresh = p.a_last is None  # the accumulator holds nothing (new, or folded by a flush)
-            if p.acc is None:
-                p.acc = torch.empty(p.shape, dtype=torch.float32, device=first.device)
-            f = 0.0 if fresh else decay_factor(p.decay, self.t - p.a_last)
-            if covers_once(p.shape, p.chunks, [r for r, _, _ in entries]):
-                # Decay and add one region at a time, so the second pass over a slab hits
-                # the cache: half the memory traffic of decaying the whole tensor first.
-                for region, x, alpha in entries:
-                    a = p.acc[region]
-                    if fresh:
-                        torch.mul(host_tensor(x), alpha, out=a)
-                    else:
-                        if f != 1.0:
-                            a.mul_(f)
-                        a.add_(host_tensor(x), alpha=alpha)
-            else:  # overlapping or partial regions: decay everything, then add each
-                if fresh:
-                    p.acc.zero_()
-                elif f != 1.0:
-                    p.acc.mul_(f)
-                for region, x, alpha in entries:
-                    p.acc[region].add_(host_tensor(x), alpha=alpha)
+            p.acc, p.spare = fill.target, p.acc  # the filled twin becomes the accumulator
             p.a_last = self.t
         for name, gen in self.streamed.items():
             p = t.params[name]
@@ -336,3 +396,13 @@ class StepWriter:
             t.params[name].nonfinite_skipped += n
         t.step = self.t
         t.tokens_seen += self.tokens or 0
+
+
+def _axis_chunks(p: ParamState) -> int:
+    """How many chunks ``p`` has along its split axis (1 for a 0-d parameter)."""
+    return grid_shape(p.shape, p.chunks)[split_axis(p.shape, p.chunks)] if p.shape else 1
+
+
+def _origin(region: Region, ax: int) -> list[int]:
+    """Offsets that move absolute coordinates into ``region``'s own (regions start at 0 but on ``ax``)."""
+    return [-region[i].start if i == ax else 0 for i in range(len(region))]

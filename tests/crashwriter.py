@@ -16,7 +16,7 @@ import fisherstore
 from fisherstore import ParamLayout
 
 TASK = "t"
-NAMES = [f"p{i}" for i in range(8)]  # creation order == manifest (sorted) order: same residency on reload
+NAMES = [f"p{i}" for i in range(8)]  # the manifest keeps creation order: the same residency on reload
 SHAPE = (128, 256)  # 128 KiB fp32; 4 head blocks (chunks) of 32 KiB
 LAYOUT = ParamLayout.attention("q", 4, 32)
 BUDGET = 1 << 20  # 3 resident parameters, 5 streamed (see MemoryPlan)
@@ -30,25 +30,49 @@ def grads(t: int) -> dict[str, torch.Tensor]:
     return {n: torch.rand(SHAPE, generator=g) * (i + 1) for i, n in enumerate(NAMES)}
 
 
-def open_writer(path: str, backend: str) -> fisherstore.FisherStore:
-    s = fisherstore.open(path, mode="a", backend=backend, decay=DECAY, memory_budget=BUDGET, progress=False)
+#: What a writer does between kills (tests/test_reliability.py aims each kill at one phase).
+SCENARIOS = ("steps", "stream", "close", "replace", "recover")
+
+
+def budget_of(scenario: str) -> int:
+    return 0 if scenario == "stream" else BUDGET  # "stream": every parameter streams every step
+
+
+def open_writer(path: str, backend: str, scenario: str = "steps", mode: str = "a") -> fisherstore.FisherStore:
+    s = fisherstore.open(path, mode=mode, backend=backend, decay=DECAY, memory_budget=budget_of(scenario),
+                         progress=False)
     for n in NAMES:
         s.create(TASK, n, SHAPE, LAYOUT)
+    s.flush()  # creation is not a commit: make the task exist on disk before the first step
     return s
 
 
-def run_writer(path: str, backend: str, conn) -> None:
-    """Continue the store from its last commit, forever; report to ``conn``."""
-    s = open_writer(path, backend)
-    t = s.step(TASK)
-    conn.send(("ready", t))
+def run_writer(path: str, backend: str, conn, scenario: str = "steps") -> None:
+    """Continue the store from its last commit, forever; report each phase to ``conn``.
+
+    ``steps``/``stream``/``recover``: one open, then steps with a flush every FLUSH_EVERY.
+    ``close``: FLUSH_EVERY steps, ``close()`` (which flushes), reopen, and again.
+    ``replace``: ``mode="w"`` replaces the store, 2 × FLUSH_EVERY steps, close, and again.
+    """
     while True:
-        t += 1
-        s.update(TASK, grads(t), tokens=TOKENS)
-        if t % FLUSH_EVERY == 0:
-            conn.send(("flushing", t))
-            s.flush()
-            conn.send(("flushed", t))
+        conn.send(("opening", -1))
+        s = open_writer(path, backend, scenario, mode="w" if scenario == "replace" else "a")
+        t = s.step(TASK)
+        conn.send(("ready", t))
+        rounds = {"close": 1, "replace": 2}.get(scenario)  # None: flush forever, never close
+        done = 0
+        while rounds is None or done < rounds:
+            for _ in range(FLUSH_EVERY):
+                t += 1
+                s.update(TASK, grads(t), tokens=TOKENS)
+            done += 1
+            if rounds is None or done < rounds:  # the last round's commit is close()'s
+                conn.send(("flushing", t))
+                s.flush()
+                conn.send(("flushed", t))
+        conn.send(("closing", t))
+        s.close()
+        conn.send(("closed", t))
 
 
 class Reference:
@@ -58,8 +82,8 @@ class Reference:
     arithmetic is the disk store's, operation for operation: states compare bit for bit.
     """
 
-    def __init__(self) -> None:
-        self.store = fisherstore.open(backend="ram", decay=DECAY, memory_budget=BUDGET)
+    def __init__(self, scenario: str = "steps") -> None:
+        self.store = fisherstore.open(backend="ram", decay=DECAY, memory_budget=budget_of(scenario))
         for n in NAMES:
             self.store.create(TASK, n, SHAPE, LAYOUT)
         self.states: dict[int, dict[str, torch.Tensor]] = {0: {n: torch.zeros(SHAPE) for n in NAMES}}

@@ -43,9 +43,9 @@ def ctx():
 class Writer:
     """A crashwriter process and the messages it sent."""
 
-    def __init__(self, ctx, path: str, backend: str) -> None:
+    def __init__(self, ctx, path: str, backend: str, scenario: str = "steps") -> None:
         self.conn, child = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=cw.run_writer, args=(path, backend, child), daemon=True)
+        self.proc = ctx.Process(target=cw.run_writer, args=(path, backend, child, scenario), daemon=True)
         self.proc.start()
         child.close()
         self.msgs: list[tuple[str, int]] = []
@@ -78,6 +78,9 @@ def check_store(path: str, backend: str, ref: cw.Reference) -> tuple[int, list]:
     assert rep.ok, [f.message for f in rep.problems]
     assert {f.kind for f in rep.rolled_back} <= ROLLED_BACK_KINDS, rep.rolled_back
     with fisherstore.open(path, mode="r", backend=backend) as r:
+        if cw.TASK not in r.tasks():  # killed before the first flush committed the new task
+            assert step_zero_ok(r), r.tasks()
+            return 0, rep.rolled_back
         step = r.step(cw.TASK)
         want = ref.at(step)
         assert want is not None, f"the store says step {step}, which no flush committed"
@@ -90,23 +93,38 @@ def check_store(path: str, backend: str, ref: cw.Reference) -> tuple[int, list]:
     return step, rep.rolled_back
 
 
-def run_kills(ctx, path: str, backend: str, kills: int, seed: int) -> dict[str, int]:
+def step_zero_ok(r) -> bool:
+    """A store killed before its first commit holds no task at all (creation is not a commit)."""
+    return r.tasks() == []
+
+
+def aim(w: Writer, scenario: str, i: int, rng: random.Random) -> None:
+    """Wait for the phase kill ``i`` of ``scenario`` aims at, then a short random delay."""
+    if scenario == "recover" and i % 2:  # open and recovery of what the previous kill left
+        time.sleep(rng.uniform(0, 0.03))
+        return
+    w.wait_for("ready")
+    phase = {
+        "close": ("closing", "closed", None),  # inside close(), inside the reopen after it, anywhere
+        "replace": ("closed", "flushing", None),  # inside open(mode="w"), inside a flush, anywhere
+    }.get(scenario, ("flushing", "flushed", None))[i % 3]
+    if phase is None:
+        time.sleep(rng.uniform(0, 0.3))
+        return
+    w.wait_for(phase)
+    time.sleep(rng.uniform(0, 0.02 if phase in ("flushing", "closing", "closed") else 0.1))
+
+
+def run_kills(ctx, path: str, backend: str, kills: int, seed: int, scenario: str = "steps") -> dict[str, int]:
     rng = random.Random(seed)
-    ref = cw.Reference()
-    stats = {"mid_flush": 0, "rolled_back": 0, "max_step": 0}
+    ref = cw.Reference(scenario)
+    stats = {"mid_flush": 0, "rolled_back": 0, "max_step": 0, "phases": {}}
     for i in range(kills):
-        w = Writer(ctx, path, backend)
-        w.wait_for("ready")
-        if i % 3 == 1:  # aim inside a flush: wait for one to start, then kill within its first ms
-            w.wait_for("flushing")
-            time.sleep(rng.uniform(0, 0.02))
-        elif i % 3 == 2:  # after a commit, among the next steps' streamed writes
-            w.wait_for("flushed")
-            time.sleep(rng.uniform(0, 0.1))
-        else:
-            time.sleep(rng.uniform(0, 0.3))
+        w = Writer(ctx, path, backend, scenario)
+        aim(w, scenario, i, rng)
         last = w.kill()
-        stats["mid_flush"] += last == "flushing"
+        stats["phases"][last] = stats["phases"].get(last, 0) + 1
+        stats["mid_flush"] += last in ("flushing", "closing")
         step, rolled = check_store(path, backend, ref)
         stats["rolled_back"] += bool(rolled)
         stats["max_step"] = max(stats["max_step"], step)
@@ -114,7 +132,7 @@ def run_kills(ctx, path: str, backend: str, kills: int, seed: int) -> dict[str, 
     left = [f.path for f in verify_store(path, backend=backend).rolled_back if f.kind != "temp_file"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cw.open_writer(path, backend).close()
+        cw.open_writer(path, backend, scenario).close()
     recovered = [str(w.message) for w in caught if issubclass(w.category, fisherstore.RecoveryWarning)]
     assert len(recovered) == bool(left), (left, recovered)
     if left:
@@ -133,6 +151,17 @@ def test_kill_9_at_random_moments_leaves_some_completed_flush(ctx, tmp_path, bac
     assert stats["mid_flush"] >= 5, stats
     assert stats["rolled_back"] >= 5, stats
     assert stats["max_step"] >= 3 * cw.FLUSH_EVERY, stats
+
+
+@pytest.mark.parametrize("backend", DISK_BACKENDS)
+@pytest.mark.parametrize("scenario", ["stream", "close", "replace", "recover"])
+def test_kill_9_during_streamed_steps_close_replace_and_recovery(ctx, tmp_path, backend, scenario):
+    """Kills aimed at a streamed step, at close(), at open(mode="w"), and at open + recovery."""
+    stats = run_kills(ctx, str(tmp_path / "s"), backend, 12, seed=3, scenario=scenario)
+    aimed = {"stream": ("flushing",), "close": ("closing",), "replace": ("closed", "opening"),
+             "recover": ("opening", "starting")}[scenario]
+    assert sum(stats["phases"].get(a, 0) for a in aimed) >= 2, stats  # the harness hit the phase it aims at
+    assert stats["max_step"] >= cw.FLUSH_EVERY, stats
 
 
 @pytest.mark.slow
@@ -155,6 +184,8 @@ def test_reader_during_flushes_sees_each_tensor_whole_at_one_step(ctx, tmp_path,
             while w.conn.poll(0):
                 w.msgs.append(w.conn.recv())
             with fisherstore.open(path, mode="r", backend=backend) as r:
+                if cw.TASK not in r.tasks():
+                    continue  # the writer has not committed its new task yet
                 step = r.step(cw.TASK)
                 ref.at(step + 20 * cw.FLUSH_EVERY)
                 for n in cw.NAMES:
@@ -182,6 +213,7 @@ def test_second_writer_gets_an_error_naming_the_holder(ctx, tmp_path, backend):
     path = str(tmp_path / "s")
     with fisherstore.open(path, mode="w", backend=backend) as s:
         s.create("t", "w", (4, 4))
+        s.flush()  # creation is committed by a flush
         r, c = ctx.Pipe(duplex=False)
         p = ctx.Process(target=_try_open_writer, args=(path, c))
         p.start()

@@ -55,8 +55,8 @@ class ArrayBackend(abc.ABC):
         """The JSON document at ``key`` (e.g. ``"task/zarr.json"``), or None if absent."""
 
     @abc.abstractmethod
-    def write_json(self, key: str, doc: dict[str, Any]) -> None:
-        """Atomically and durably replace the document at ``key``."""
+    def write_json(self, key: str, doc: dict[str, Any], durable: bool = True) -> None:
+        """Atomically replace the document at ``key``; durably unless ``durable=False`` (then :meth:`sync` does)."""
 
     # -- arrays -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -73,25 +73,41 @@ class ArrayBackend(abc.ABC):
     def write(self, key: str, region: Region, data: np.ndarray) -> None:
         """Write ``data`` (float32, region-shaped) into ``region`` of an array this backend created."""
 
+    def set_attributes(self, key: str, attributes: dict[str, Any]) -> None:
+        """Replace the attributes in the header of the array at ``key`` (not durably: a hint, synced later)."""
+        doc = self.read_json(f"{key}/zarr.json")
+        if doc is not None:
+            doc["attributes"] = attributes
+            self.write_json(f"{key}/zarr.json", doc, durable=False)
+
     def list_chunks(self, key: str) -> set[tuple[int, ...]]:
-        """Grid coordinates of the chunks stored for the array at ``key`` (every one, in RAM)."""
+        """Grid coordinates of the chunks stored for the array at ``key``."""
         return set()
+
+    def array_meta(self, key: str) -> dict[str, Any] | None:
+        """``{"data_type", "shape", "chunks"}`` from the header of the array at ``key`` (None if absent)."""
+        return None
 
     # -- tree ---------------------------------------------------------------------------
     @abc.abstractmethod
     def list(self, key: str) -> list[str]:
         """Names of the child nodes under ``key`` ('' is the root); [] if absent."""
 
+    def is_temp(self, name: str) -> bool:
+        """Whether ``name`` is the temp file of an interrupted document write."""
+        return False
+
+    def entries(self, key: str) -> list[str]:
+        """Names of everything directly under ``key``: child nodes, documents and other files."""
+        return self.list(key)
+
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove the node at ``key`` and everything below it (no error if absent)."""
 
-    def clear(self, keep: tuple[str, ...] = ()) -> None:
-        """Remove everything in the store but the top-level names in ``keep`` (``mode="w"``)."""
-        for child in self.list(""):
-            if child not in keep:
-                self.delete(child)
-        self.delete("zarr.json")
+    def version(self, key: str) -> Any:
+        """A token that changes when the document at ``key`` is replaced (None if absent or untracked)."""
+        return None
 
     def exists(self) -> bool:
         """Whether the store's root document exists."""

@@ -16,13 +16,18 @@ import ctypes.util
 import errno
 import os
 import shutil
+import stat
 import uuid
 from typing import Any
 
-__all__ = ["LocalFiles", "syncfs", "TEMP_SUFFIX"]
+from ..errors import CorruptStoreError
+
+__all__ = ["LocalFiles", "syncfs", "TEMP_SUFFIX", "MAX_DOC_BYTES"]
 
 #: Suffix of the temp file of an atomic write; one left behind means the write was interrupted.
 TEMP_SUFFIX = ".partial"
+#: The largest metadata document fisherstore reads (a manifest of 100,000 parameters is ~40 MB).
+MAX_DOC_BYTES = 256 << 20
 
 
 def _libc() -> Any:
@@ -81,20 +86,72 @@ class LocalFiles:
         self.read_only = read_only
 
     def path(self, key: str) -> str:
-        return os.path.join(self.root, *[k for k in key.split("/") if k])
+        """The file of ``key``; a key that would leave the directory is refused."""
+        parts = [k for k in key.split("/") if k]
+        if any(k in (".", "..") or os.sep in k or (os.altsep and os.altsep in k) for k in parts):
+            raise CorruptStoreError(f"key {key!r} would leave the store at {self.root!r}; fisherstore never goes there")
+        return os.path.join(self.root, *parts)
+
+    def check_no_links(self, key: str) -> None:
+        """Refuse a key any of whose directories is a symbolic link (before writing or deleting there).
+
+        A crafted store could link a task or parameter directory to another store: a writer
+        following the link would overwrite or delete data that is not its own.
+        """
+        path = self.root
+        for part in [k for k in key.split("/") if k]:
+            path = os.path.join(path, part)
+            try:
+                st = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            if stat.S_ISLNK(st.st_mode):
+                raise CorruptStoreError(
+                    f"{path!r} is a symbolic link; fisherstore never writes or deletes through a link inside "
+                    "a store. Remove the link (or open the store it points to directly)."
+                )
 
     # -- bytes ----------------------------------------------------------------------------
-    def get(self, key: str) -> bytes | None:
-        """The bytes at ``key``, or None if absent."""
+    def get(self, key: str, limit: int = MAX_DOC_BYTES) -> bytes | None:
+        """The bytes at ``key`` (a regular file of at most ``limit`` bytes), or None if absent.
+
+        A link, a device, a FIFO or a huge file where a document should be is an error,
+        never a hang or an exhausted memory.
+        """
+        path = self.path(key)
         try:
-            with open(self.path(key), "rb") as f:
-                return f.read()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CorruptStoreError(f"{path!r} is a symbolic link where fisherstore keeps a file; remove it") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptStoreError(f"{path!r} is not a regular file (a device, FIFO or directory); remove it")
+            if st.st_size > limit:
+                raise CorruptStoreError(
+                    f"{path!r} is {st.st_size} bytes, more than the {limit} a fisherstore document can be; "
+                    "the store is damaged or crafted"
+                )
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(limit + 1)
+        finally:
+            os.close(fd)
+        if len(data) > limit:
+            raise CorruptStoreError(f"{path!r} grew past {limit} bytes while it was read")
+        return data
 
-    def put(self, key: str, data: bytes) -> None:
-        """Replace ``key`` so a reader sees the old value or the new one, whole, and durably."""
+    def put(self, key: str, data: bytes, durable: bool = True) -> None:
+        """Replace ``key`` so a reader sees the old value or the new one, whole.
+
+        ``durable``: fsync the file and its directory before returning. Without it the
+        next :meth:`sync` makes the write durable (cheaper for many small documents).
+        """
         self.check_writable()
+        self.check_no_links(key)
         path = self.path(key)
         d = os.path.dirname(path)
         os.makedirs(d, exist_ok=True)
@@ -103,22 +160,39 @@ class LocalFiles:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(d)
+        if durable:
+            _fsync_dir(d)
 
     def exists(self, key: str) -> bool:
         return os.path.exists(self.path(key))
 
+    def version(self, key: str) -> tuple[int, int, int] | None:
+        """(inode, mtime, size) of ``key``: an atomic replace always changes the inode. None if absent."""
+        try:
+            st = os.stat(self.path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
     # -- tree -----------------------------------------------------------------------------
     def list_dirs(self, key: str) -> list[str]:
-        """Names of the directories directly under ``key`` ('' is the root); [] if absent."""
+        """Names of the directories directly under ``key`` ('' is the root; links are not followed)."""
         try:
-            return sorted(e.name for e in os.scandir(self.path(key)) if e.is_dir())
+            return sorted(e.name for e in os.scandir(self.path(key)) if e.is_dir(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def entries(self, key: str) -> list[str]:
+        """Names of everything directly under ``key`` (files, directories, links); [] if absent."""
+        try:
+            return sorted(os.listdir(self.path(key)))
         except (FileNotFoundError, NotADirectoryError):
             return []
 
@@ -135,27 +209,15 @@ class LocalFiles:
         return out
 
     def delete(self, key: str) -> None:
-        """Remove ``key`` and everything below it (no error if absent)."""
+        """Remove ``key`` and everything below it (no error if absent); links are removed, never followed."""
         self.check_writable()
+        self.check_no_links(key.rsplit("/", 1)[0] if "/" in key else "")
         path = self.path(key)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, onerror=_ignore_missing)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-
-    def clear(self, keep: tuple[str, ...] = ()) -> None:
-        """Remove everything in the directory except the top-level names in ``keep``."""
-        self.check_writable()
-        self.ensure()
-        for entry in os.scandir(self.root):
-            if entry.name in keep:
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, onerror=_ignore_missing)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
 
     def ensure(self) -> None:
         """Create the directory if it is missing."""

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..codecs import CodecSpec
-from ..regions import Region
+from ..regions import Region, iter_grid
 from .base import ArrayBackend
 
 __all__ = ["RamBackend"]
@@ -30,13 +30,25 @@ class RamBackend(ArrayBackend):
         doc = self._docs.get(key)
         return copy.deepcopy(doc) if doc is not None else None
 
-    def write_json(self, key: str, doc: dict[str, Any]) -> None:
+    def write_json(self, key: str, doc: dict[str, Any], durable: bool = True) -> None:
         self._docs[key] = copy.deepcopy(doc)
 
     def create_array(self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any],
                      codecs: CodecSpec) -> None:
         self._arrays[key] = np.zeros(tuple(shape), dtype=np.float32)
-        self._docs[key + "/zarr.json"] = {"node_type": "array", "attributes": copy.deepcopy(attributes)}
+        self._docs[key + "/zarr.json"] = {"node_type": "array", "attributes": copy.deepcopy(attributes),
+                                          "chunks": list(chunks)}
+
+    def list_chunks(self, key: str) -> set[tuple[int, ...]]:
+        a = self._arrays.get(key)
+        doc = self._docs.get(key + "/zarr.json") or {}
+        return set(iter_grid(a.shape, doc.get("chunks", a.shape))) if a is not None else set()
+
+    def array_meta(self, key: str) -> dict[str, Any] | None:
+        a = self._arrays.get(key)
+        if a is None:
+            return None
+        return {"data_type": "float32", "shape": a.shape, "chunks": tuple(self._docs[key + "/zarr.json"]["chunks"])}
 
     def read(self, key: str, region: Region) -> np.ndarray:
         return self._arrays[key][region].copy()
