@@ -24,10 +24,11 @@ Usage (every rank runs the same code)::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import FisherStoreError
+from .errors import FisherStoreError, InvalidArgumentError
 
 __all__ = ["RankGroup"]
 
@@ -105,6 +106,90 @@ class RankGroup:
             if bad:
                 err = FisherStoreError(f"rank {bad[0][0]} failed to {what} ({bad[0][1]}); nothing was committed")
         return err
+
+    def all_reduce_ints(self, values: Sequence[int]) -> list[int]:
+        """The sum over ranks of each of ``values`` (the same length on every rank), on every rank.
+
+        ``group.all_reduce_ints([tokens])[0]`` is the token count of a data-parallel step.
+        """
+        vals = [int(v) for v in values]
+        if self.world_size == 1:
+            return vals
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(vals, dtype=torch.int64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
+        return [int(v) for v in t.tolist()]
+
+    def all_reduce_int(self, value: int) -> int:
+        """The sum of ``value`` over ranks, on every rank: ``T = group.all_reduce_int(t_local)``."""
+        return self.all_reduce_ints([value])[0]
+
+    def reduce_to(self, tensor: Any, dst: int) -> Any:
+        """Sum ``tensor`` over ranks onto rank ``dst``: the sum there, None on every other rank.
+
+        Every rank calls it with a tensor of the same shape and dtype, in the same order
+        (``for name in names: x = group.reduce_to(local[name], owner[name])``).
+        ``tensor`` is a buffer: it is reduced in place, and on other ranks than ``dst``
+        its contents are undefined afterwards. With NCCL it must live on this rank's GPU.
+        """
+        if not (isinstance(dst, int) and 0 <= dst < self.world_size):
+            raise InvalidArgumentError(f"dst must be a rank in [0, {self.world_size}), got {dst!r}")
+        if self.world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        buf = tensor.contiguous()  # a no-op for contiguous tensors; collectives need one
+        # dst is a rank of this group; torch wants the global rank unless group_dst is given.
+        dst_global = dst if self.process_group is None else dist.get_global_rank(self.process_group, dst)
+        dist.reduce(buf, dst=dst_global, op=dist.ReduceOp.SUM, group=self.process_group)
+        return buf if self.rank == dst else None
+
+    def owner_ranks(self, names: Sequence[str], owned: Sequence[bool]) -> list[int]:
+        """The rank owning each of ``names``, from every rank's own ``owned`` flags (collective).
+
+        ``names`` must be the same list, in the same order, on every rank (it orders the
+        collectives that follow), and each name must be owned by exactly one rank.
+        Usage: ``owners = group.owner_ranks(names, [store.owns(task, n) for n in names])``.
+        """
+        if len(owned) != len(names):
+            raise InvalidArgumentError(f"owned has {len(owned)} flags for {len(names)} names; pass one per name")
+        mine = [i for i, o in enumerate(owned) if o]
+        if self.world_size == 1:
+            missing = [names[i] for i, o in enumerate(owned) if not o]
+            if missing:
+                raise FisherStoreError(f"no rank owns {missing[:3]} (a group of one process owns everything)")
+            return [0] * len(names)
+        # A checksum of the names, so ranks holding different lists fail here instead of
+        # pairing one rank's parameter with another's in the collectives that follow.
+        digest = zlib.crc32("\n".join(names).encode())
+        views = self.all_gather((len(names), digest, mine))
+        if any(v[:2] != (len(names), digest) for v in views):
+            bad = next(r for r, v in enumerate(views) if v[:2] != (len(names), digest))
+            raise FisherStoreError(
+                f"rank {bad} holds a different list of parameters ({views[bad][0]} names) than rank {self.rank} "
+                f"({len(names)}); every rank must track the same parameters of the same model, in the same order"
+            )
+        owner = [-1] * len(names)
+        for r, (_, _, idx) in enumerate(views):
+            for i in idx:
+                if owner[i] != -1:
+                    raise FisherStoreError(f"parameter {names[i]!r} is owned by ranks {owner[i]} and {r}; "
+                                           "an owner function must give each parameter one rank, the same on every rank")
+                owner[i] = r
+        if -1 in owner:
+            raise FisherStoreError(f"no rank owns parameter {names[owner.index(-1)]!r}")
+        return owner
+
+    def _comm_device(self) -> Any:
+        """Where a collective's tensors must live: this rank's GPU for NCCL, else the CPU."""
+        import torch
+        import torch.distributed as dist
+
+        if dist.get_backend(self.process_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def barrier(self) -> None:
         if self.world_size > 1:

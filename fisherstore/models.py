@@ -13,12 +13,24 @@ Recognised attention modules:
 projections                 models                                 layout
 ==========================  =====================================  ========================
 q_proj k_proj v_proj o_proj LLaMA, Mistral, Qwen2, Gemma, ...      split Linear
-q_proj k_proj v_proj        OPT (``out_proj``)                     split Linear
-out_proj
+q_proj k_proj v_proj        OPT, BART, mBART, Marian, Whisper      split Linear
+out_proj                    (``out_proj``; BART's decoder cross-
+                            attention is ``encoder_attn``)
+q k v o (``T5Attention``)   T5, mT5, UMT5 (``SelfAttention``,       split Linear, d = ``d_kv``
+                            ``EncDecAttention``)                   (H·d need not be d_model)
 qkv_proj o_proj             Phi-3                                  fused, block-contiguous
 c_attn c_proj (Conv1D)      GPT-2                                  fused Conv1D, transposed
 query_key_value dense       GPT-NeoX / Pythia                      interleaved [H, 3, d]
 ==========================  =====================================  ========================
+
+Any other model can be collected by saying how its projections are laid out:
+``layouts_from_model(model, overrides={name: ParamLayout.attention(...)})`` (the
+collector's ``layouts=``) takes the given layouts over its own and does not raise for an
+attention module whose projection weights they cover.
+
+Models with several attention stacks (an encoder-decoder's encoder self-attention,
+decoder self-attention and decoder cross-attention) are told apart by
+:func:`layer_keys`: ``"encoder.3"``, ``"decoder.3"``, ``"decoder.3.cross"``.
 
 Usage::
 
@@ -30,14 +42,15 @@ Usage::
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
-from .errors import LayoutError
+from .errors import InvalidArgumentError, LayoutError, UnknownParamError, close_matches
 from .layout import ParamLayout
 
-__all__ = ["layouts_from_model", "layer_index", "attention_param_names", "model_description"]
+__all__ = ["layouts_from_model", "layer_index", "layer_keys", "attention_param_names", "model_description"]
 
 _SPLIT_O = ("o_proj", "out_proj", "dense")
 
@@ -102,6 +115,16 @@ def _attention_layouts(name: str, attn: nn.Module, cfg: Any) -> dict[str, ParamL
             out[full] = lay
 
     cls = type(attn).__name__
+    if {"q", "k", "v", "o"} <= kids.keys() and hasattr(attn, "key_value_proj_dim") and hasattr(attn, "n_heads"):
+        # T5Attention: its own n_heads and key_value_proj_dim (config d_kv) are the geometry;
+        # inner_dim = n_heads·d_kv need not equal d_model, so hidden // H would be wrong.
+        H = H_kv = int(attn.n_heads)
+        d = int(attn.key_value_proj_dim)
+        if not all(isinstance(kids[c], nn.Linear) for c in "qkvo"):
+            return None
+        for child, kind in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "o")):
+            add(child, kind)
+        return out
     if {"q_proj", "k_proj", "v_proj"} <= kids.keys() and any(o in kids for o in _SPLIT_O):
         H, H_kv, d = _heads(attn, cfg, name)
         for child, kind in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
@@ -127,40 +150,93 @@ def _attention_layouts(name: str, attn: nn.Module, cfg: Any) -> dict[str, ParamL
     return None
 
 
-def layouts_from_model(model: nn.Module) -> dict[str, ParamLayout]:
+def layouts_from_model(model: nn.Module, overrides: Mapping[str, ParamLayout] | None = None) -> dict[str, ParamLayout]:
     """Map every parameter of ``model`` to its :class:`ParamLayout`.
 
     Attention projections get head layouts; the rest get ``embedding``, ``norm``,
-    ``bias``, ``mlp`` or ``other``.
+    ``bias``, ``mlp`` or ``other``. ``overrides`` (parameter name -> layout) are merged
+    over the result and win; an attention module this function does not recognise is
+    accepted when ``overrides`` cover every projection weight in it.
+    Usage: ``layouts_from_model(bert, overrides={"bert.encoder.layer.0.attention.self.query.weight": ...})``.
 
     Raises:
-        LayoutError: an attention module has projections this function cannot map
-            (the message names the module and its class).
+        LayoutError: an attention module has projections this function cannot map and
+            ``overrides`` do not cover (the message names the module, its class and the
+            parameters to give layouts for), or an override does not fit its parameter.
+        UnknownParamError: an override names no parameter of the model.
     """
     cfg = _cfg(model)
+    named = dict(model.named_parameters())
+    given = _check_overrides(overrides or {}, named)
     layouts: dict[str, ParamLayout] = {}
     mapped: list[str] = []
     for name, mod in model.named_modules():
         if any(name.startswith(m + ".") for m in mapped):
             continue
-        got = _attention_layouts(name, mod, cfg)
+        try:
+            got = _attention_layouts(name, mod, cfg)
+        except LayoutError as e:  # recognised, but its geometry does not fit: overrides may say it
+            missing = _uncovered(name, mod, named, given)
+            if not missing:
+                mapped.append(name)
+                continue
+            raise LayoutError(
+                f"{str(e).rstrip('.')}. If the model is right, say how {name!r} is laid out: pass layouts={{name: "
+                f"ParamLayout.attention(...)}} to FisherCollector (or overrides= to layouts_from_model) for "
+                f"{', '.join(repr(m) for m in missing)}"
+            ) from e
         if got is not None:
             layouts.update(got)
             mapped.append(name)
             continue
         if "Attention" in type(mod).__name__ and any(_proj(c) for c in mod.children()):
+            missing = _uncovered(name, mod, named, given)
+            if not missing:
+                continue  # the caller said how this module is laid out
             kids = ", ".join(n for n, c in mod.named_children() if _proj(c))
             raise LayoutError(
                 f"cannot map attention module {name!r} ({type(mod).__name__}, projections: {kids}) to "
-                "head layouts; fisherstore knows split q/k/v/o, Phi-3 qkv_proj, GPT-2 c_attn and "
-                "GPT-NeoX query_key_value. Pass explicit ParamLayouts for this model."
+                "head layouts; fisherstore knows split q/k/v/o (LLaMA, OPT, BART), T5's q/k/v/o, Phi-3 "
+                "qkv_proj, GPT-2 c_attn and GPT-NeoX query_key_value. Say how it is laid out: pass "
+                "layouts={name: ParamLayout.attention(kind, num_heads, head_dim, num_kv_heads)} to "
+                f"FisherCollector (or overrides= to layouts_from_model) for {', '.join(repr(m) for m in missing)}"
             )
     kinds = {id(p): _plain_kind(n, m) for n, m in model.named_modules() for p in m.parameters(recurse=False)}
-    for pname, p in model.named_parameters():
+    for pname, p in named.items():
         if pname not in layouts:
             kind = "bias" if pname.endswith("bias") and p.ndim == 1 and kinds.get(id(p)) != "norm" else kinds.get(id(p), "other")
             layouts[pname] = ParamLayout(kind)
+    layouts.update(given)
     return layouts
+
+
+def _uncovered(name: str, mod: nn.Module, named: Mapping[str, Any], given: Mapping[str, ParamLayout]) -> list[str]:
+    """The projection weights of attention module ``name`` that ``given`` has no layout for."""
+    prefix = f"{name}." if name else ""
+    weights = [f"{prefix}{c}.weight" for c, m in mod.named_children() if _proj(m)]
+    return [w for w in weights if w in named and w not in given]
+
+
+def _check_overrides(overrides: Mapping[str, ParamLayout], named: Mapping[str, Any]) -> dict[str, ParamLayout]:
+    """``overrides`` as a dict, each naming a parameter of the model and fitting its shape."""
+    if not isinstance(overrides, Mapping):
+        raise InvalidArgumentError(
+            f"layouts/overrides must be a mapping of parameter name -> ParamLayout, got {type(overrides).__name__}"
+        )
+    out = {}
+    for name, lay in overrides.items():
+        if name not in named:
+            raise UnknownParamError(
+                f"the layout override {name!r} names no parameter of the model." + close_matches(str(name), named)
+            )
+        if not isinstance(lay, ParamLayout):
+            raise InvalidArgumentError(
+                f"the layout override for {name!r} must be a ParamLayout (e.g. ParamLayout.attention('q', H, d)), "
+                f"got {type(lay).__name__}"
+            )
+        lay.validate_shape(tuple(named[name].shape), name)
+        out[name] = lay
+    return out
 
 
 def _plain_kind(name: str, mod: nn.Module) -> str:
@@ -180,12 +256,47 @@ def attention_param_names(layouts: dict[str, ParamLayout], include_bias: bool = 
 
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
+# Cross-attention modules (queries from the decoder, keys/values from the encoder):
+# BART/mBART/Marian/Whisper ``encoder_attn``, T5 ``EncDecAttention``, GPT-2/BERT
+# ``crossattention``, and the ``cross_attn`` spelling of several others.
+_CROSS_RE = re.compile(r"(^|\.)(encoder_attn|EncDecAttention|crossattention|cross_attn|cross_attention)(\.|$)")
 
 
 def layer_index(name: str) -> int | None:
-    """The layer number in a parameter name (``model.layers.3.self_attn...`` → 3)."""
+    """The first layer number in a parameter name (``model.layers.3.self_attn...`` → 3).
+
+    It does not tell stacks apart (an encoder-decoder's ``encoder.layers.3`` and
+    ``decoder.layers.3`` are both 3); :func:`layer_keys` does.
+    """
     m = _LAYER_RE.search(name)
     return int(m.group(1)) if m else None
+
+
+def layer_keys(names: Iterable[str]) -> dict[str, int | str | None]:
+    """The layer key of each attention parameter name: an int, or a string when there are several stacks.
+
+    A *stream* is a stack of layers (the name before the layer number) and whether the
+    module is cross-attention. With one stream the key is the layer number, as
+    :func:`layer_index` gives it (LLaMA, GPT-2, OPT's ``model.decoder.layers``). With
+    several, it is ``"<stack>.<N>"`` plus ``".cross"`` for cross-attention, where
+    ``<stack>`` is ``encoder`` or ``decoder`` when the stacks' paths say so, else the
+    stack's path: ``"encoder.3"``, ``"decoder.3"``, ``"decoder.3.cross"``. Names without
+    a layer number map to None.
+
+    Usage: ``layer_keys(attention_param_names(layouts_from_model(bart)))``.
+    """
+    parsed: dict[str, tuple[str, int, bool] | None] = {}
+    for n in names:
+        m = _LAYER_RE.search(n)
+        parsed[n] = None if m is None else (n[: m.start()], int(m.group(1)), bool(_CROSS_RE.search(n[m.end():])))
+    streams = list(dict.fromkeys((p[0], p[2]) for p in parsed.values() if p is not None))
+    if len(streams) <= 1:
+        return {n: None if p is None else p[1] for n, p in parsed.items()}
+    stacks = list(dict.fromkeys(s for s, _ in streams))
+    roles = {s: next((c for c in reversed(s.split(".")) if c in ("encoder", "decoder")), None) for s in stacks}
+    if None in roles.values() or len(set(roles.values())) != len(stacks):
+        roles = {s: s for s in stacks}  # "encoder"/"decoder" would not tell these stacks apart
+    return {n: None if p is None else f"{roles[p[0]]}.{p[1]}" + (".cross" if p[2] else "") for n, p in parsed.items()}
 
 
 def model_description(model: nn.Module) -> dict[str, Any]:
@@ -200,5 +311,6 @@ def model_description(model: nn.Module) -> dict[str, Any]:
             head_dim=_first(cfg, "head_dim"),
             num_layers=_first(cfg, "num_hidden_layers", "n_layer"),
             hidden=_first(cfg, "hidden_size", "n_embd"),
+            encoder_decoder=True if getattr(cfg, "is_encoder_decoder", False) else None,
         )
     return {k: v for k, v in desc.items() if v is not None}

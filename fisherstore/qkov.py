@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -31,14 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import HeadIndexError, UnknownParamError, close_matches
+from .errors import HeadIndexError, LayoutError, UnknownParamError, close_matches
 from .layout import BLOCKS, ParamLayout
 from .lazy import LazyFisher
-from .models import layer_index, layouts_from_model
+from .models import layer_keys, layouts_from_model
 
 __all__ = ["BlockHeadSlice", "QKOVIndexer", "QKOVInterference"]
 
 Tensorish = torch.Tensor | LazyFisher
+_KEY_RE = re.compile(r"(.*)\.(\d+)(\.cross)?")  # a string layer key of layer_keys()
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class BlockHeadSlice:
     param_name: str
     rows: slice
     cols: slice
-    layer: int
+    layer: int | str
     head: int
     block: str
 
@@ -58,28 +60,51 @@ class BlockHeadSlice:
 
 
 class QKOVIndexer:
-    """Maps (layer, block) to the parameter holding it, and (layer, head, block) to its slice."""
+    """Maps (layer, block) to the parameter holding it, and (layer, head, block) to its slice.
+
+    Layers are keyed by :func:`fisherstore.models.layer_keys`: ints for a model with one
+    attention stack (LLaMA, GPT-2, ...), strings such as ``"encoder.3"``, ``"decoder.3"``
+    and ``"decoder.3.cross"`` for one with several (BART, T5), so an encoder layer and a
+    decoder layer with the same number never overwrite each other.
+    Usage: ``QKOVIndexer.from_model(bart).param_name("decoder.1.cross", "K")``.
+    """
 
     def __init__(self, layouts: Mapping[str, ParamLayout]) -> None:
         self.layouts = dict(layouts)
-        self._names: dict[tuple[int, str], str] = {}
-        for name, lay in self.layouts.items():
-            if not lay.has_heads or name.endswith("bias"):
-                continue
-            layer = layer_index(name)
+        self._names: dict[tuple[int | str, str], str] = {}
+        heads = [n for n, lay in self.layouts.items() if lay.has_heads and not n.endswith("bias")]
+        keys = layer_keys(heads)
+        order: dict[int | str, tuple[int, int]] = {}  # key -> (its stream's first appearance, layer number)
+        streams: dict[str, int] = {}
+        for name in heads:
+            layer = keys[name]
             if layer is None:
                 continue
+            lay = self.layouts[name]
             for b in lay.blocks:
+                other = self._names.get((layer, b))
+                if other is not None and other != name:
+                    raise LayoutError(
+                        f"{name!r} and {other!r} both hold block {b} of layer {layer!r}; the indexer cannot tell "
+                        "them apart. Index them separately: QKOVIndexer.from_layouts({...}) with one of them"
+                    )
                 self._names[(layer, b)] = name
+            if isinstance(layer, str):  # "<stack>.<N>[.cross]": stacks in model order, then N
+                m = _KEY_RE.fullmatch(layer)
+                order.setdefault(layer, (streams.setdefault(m.group(1) + (m.group(3) or ""), len(streams)),
+                                         int(m.group(2))))
+            else:
+                order.setdefault(layer, (0, layer))
         if not self._names:
             raise UnknownParamError("no attention projection weights found in the layouts; nothing to index")
-        self.layers = sorted({layer for layer, _ in self._names})
+        #: Layer keys in order: each stack's layers by number, stacks in the order the model has them.
+        self.layers = sorted(order, key=order.__getitem__)
         self.num_heads = max(self.layouts[n].num_heads for n in self._names.values())
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module) -> QKOVIndexer:
-        """Index a model's attention projections (see :func:`fisherstore.layouts_from_model`)."""
-        return cls(layouts_from_model(model))
+    def from_model(cls, model: torch.nn.Module, overrides: Mapping[str, ParamLayout] | None = None) -> QKOVIndexer:
+        """Index a model's attention projections (see :func:`fisherstore.layouts_from_model`, and its ``overrides``)."""
+        return cls(layouts_from_model(model, overrides=overrides))
 
     @classmethod
     def from_layouts(cls, layouts: Mapping[str, ParamLayout]) -> QKOVIndexer:
@@ -91,19 +116,24 @@ class QKOVIndexer:
         """Index the layouts recorded in a store (no model needed)."""
         return cls({n: store.layout(task, n) for n in store.params(task) if store.layout(task, n) is not None})
 
-    def param_name(self, layer: int, block: str) -> str:
-        """The weight holding ``block`` (Q, K, V or O) of ``layer``."""
+    def param_name(self, layer: int | str, block: str) -> str:
+        """The weight holding ``block`` (Q, K, V or O) of ``layer`` (a key in :attr:`layers`)."""
         b = block.upper() if isinstance(block, str) else block
         if b not in BLOCKS:
             raise HeadIndexError(f"block {block!r} is not one of Q, K, V, O")
         try:
             return self._names[(layer, b)]
         except KeyError:
+            pass
+        keys = ", ".join(repr(k) for k in self.layers)
+        if isinstance(layer, int) and any(isinstance(k, str) for k in self.layers):
             raise HeadIndexError(
-                f"no {b} projection for layer {layer!r}; indexed layers are {self.layers[0]}..{self.layers[-1]}"
+                f"layer {layer!r} is ambiguous: this model has several attention stacks, so its layers are "
+                f"keyed by stack; use one of {keys}"
             ) from None
+        raise HeadIndexError(f"no {b} projection for layer {layer!r}; indexed layers are {keys}") from None
 
-    def block_slice(self, layer: int, head: int, block: str) -> BlockHeadSlice:
+    def block_slice(self, layer: int | str, head: int, block: str) -> BlockHeadSlice:
         """The slice of (layer, head, block); raises ``HeadIndexError`` for a bad head."""
         name = self.param_name(layer, block)
         lay = self.layouts[name]
@@ -170,7 +200,7 @@ class QKOVInterference:
             lam = max(ridge, ridge_rel * float(block.median()))
         return block.clamp_min(eps) + lam, lam
 
-    def block_head_score(self, contrib: Tensorish, grad: Tensorish, fisher: Tensorish, layer: int, head: int,
+    def block_head_score(self, contrib: Tensorish, grad: Tensorish, fisher: Tensorish, layer: int | str, head: int,
                          block: str, eps: float | None = None, ridge: float | None = None,
                          ridge_rel: float | None = None) -> tuple[float, dict[str, float]]:
         """Score of one (layer, head, block) for one contribution C and one gradient g.
@@ -192,7 +222,7 @@ class QKOVInterference:
         score = float((C / den * G.abs()).sum(dtype=torch.float64))
         return score, self._diag(Fb, lam, eps, C, G)
 
-    def block_head_scores(self, contribs: torch.Tensor, grads: torch.Tensor, fisher: Tensorish, layer: int,
+    def block_head_scores(self, contribs: torch.Tensor, grads: torch.Tensor, fisher: Tensorish, layer: int | str,
                           head: int, block: str) -> torch.Tensor:
         """Batched scores: ``contribs`` [n_a, *shape], ``grads`` [n_b, *shape] → [n_a, n_b].
 
@@ -206,7 +236,7 @@ class QKOVInterference:
         return (C / den.reshape(1, -1)).double() @ G.double().T
 
     def heatmap(self, contribs: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
-                fisher: Mapping[str, Tensorish], layers: Iterable[int] | None = None,
+                fisher: Mapping[str, Tensorish], layers: Iterable[int | str] | None = None,
                 heads: Iterable[int] | None = None, blocks: Iterable[str] = BLOCKS) -> dict[str, Any]:
         """Mean interference over all (i, j) pairs, per block: ``{"Q": array [layers, heads], ...}``.
 

@@ -1,7 +1,9 @@
 """Two torch.distributed (gloo) ranks write disjoint parameters of one store.
 
-The result must equal a single-process run bit for bit: same generations, same steps,
-same values, one manifest written by rank 0.
+The store API: the result must equal a single-process run bit for bit (same generations,
+same steps, same values, one manifest written by rank 0). The collector: ranks fed
+different batches (data parallel) must equal one process fed the union batch, to fp32
+tolerance; ranks fed the same batch (data_parallel=False) must equal one process fed it.
 """
 
 from __future__ import annotations
@@ -104,3 +106,150 @@ def test_two_gloo_ranks_equal_one_process_bit_for_bit(tmp_path, backend):
         assert verify_store(path, backend=backend).ok
         assert not os.path.exists(os.path.join(path, ".fisherstore.lock")) or \
             os.path.getsize(os.path.join(path, ".fisherstore.lock")) == 0  # rank 0 released it
+
+
+# -- data-parallel collection: ranks that see different batches ---------------------------------
+
+DP_STEPS = 2
+# Each rank's collector options; "same" feeds every rank the same batch (model/tensor parallel).
+DP_SCENARIOS = {
+    "micro_batch": dict(estimator="micro_batch", params="all"),
+    "batch": dict(estimator="batch"),
+    "same": dict(estimator="micro_batch", data_parallel=False),
+}
+
+
+def dp_batch(rank: int, step: int) -> dict[str, torch.Tensor]:
+    """Rank 0: 4 sequences (2 micro-batches of 2), the last padded; rank 1: 2 sequences (1 micro-batch)."""
+    from tests.models import token_batch
+
+    return token_batch(n=4 if rank == 0 else 2, seq=6, seed=100 * step + rank, pad_last=rank == 0)
+
+
+def union_batch(step: int) -> dict[str, torch.Tensor]:
+    """Both ranks' batches as one; its micro-batches of 2 are exactly the ranks' micro-batches."""
+    a, b = dp_batch(0, step), dp_batch(1, step)
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def dp_rank_main(rank: int, world: int, init: str, root: str, conn) -> None:
+    import torch.distributed as dist
+
+    from tests.models import tiny_model
+
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        group = fisherstore.RankGroup.from_torch()
+        model = tiny_model("llama")
+        out = {}
+        for name, kw in DP_SCENARIOS.items():
+            fc = fisherstore.FisherCollector(backend="zarr", path=os.path.join(root, name), mode="w",
+                                             micro_batch_size=2, group=group, **kw)
+            for step in range(DP_STEPS):
+                fc.collect_fisher(model, dp_batch(0 if name == "same" else rank, step), task="t")
+            groups = {k: v.numpy() for k, v in fc.get_group_fisher("t").items()}
+            owned = [n for n in fc.store.params("t") if fc.store.owns("t", n)]
+            fc.close()
+            out[name] = (owned, groups)
+        # reopened, the group view is rebuilt from the store: again only what this rank owns
+        fc = fisherstore.FisherCollector(backend="zarr", path=os.path.join(root, "micro_batch"), group=group)
+        out["reopened"] = ([n for n in fc.store.params("t") if fc.store.owns("t", n)],
+                           {k: v.numpy() for k, v in fc.get_group_fisher("t").items()})
+        fc.close()
+        # data_parallel=False says the ranks see the same batch: different batches are refused on every rank
+        fc = fisherstore.FisherCollector(backend="zarr", path=os.path.join(root, "refused"), mode="w",
+                                         micro_batch_size=2, group=group, data_parallel=False)
+        try:
+            fc.collect_fisher(model, dp_batch(rank, 0), task="t")
+            out["refused"] = ""
+        except fisherstore.InvalidArgumentError as e:
+            out["refused"] = str(e)
+        fc.close()
+        dist.destroy_process_group()
+        conn.send(("ok", out))
+    except BaseException as e:  # report, so the parent fails with the cause instead of a hang
+        import traceback
+
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    """Two gloo ranks run every scenario once; the tests below check what they wrote."""
+    root = tmp_path_factory.mktemp("dp")
+    ctx = mp.get_context("forkserver")
+    init = f"file://{root / 'rendezvous'}"
+    procs, conns = [], []
+    for rank in range(2):
+        r, c = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=dp_rank_main, args=(rank, 2, init, str(root), c))
+        p.start()
+        procs.append(p)
+        conns.append(r)
+    results = []
+    for p, r in zip(procs, conns):
+        assert r.poll(300), "a rank hung"
+        results.append(r.recv())
+        p.join(30)
+    assert all(res[0] == "ok" for res in results), results
+    return root, [res[1] for res in results]
+
+
+def _close(got, want, rtol=1e-5):
+    """fp32 agreement, with an absolute floor scaled to the tensor (summation order differs across ranks)."""
+    return torch.allclose(got, want, rtol=rtol, atol=rtol * 1e-3 * float(want.abs().max()))
+
+
+def _check_against_one_process(root, per_rank, scenario, batches):
+    """The store the ranks wrote, and each rank's group view, equal one process fed ``batches``."""
+    from tests.models import tiny_model
+
+    model = tiny_model("llama")
+    kw = {k: v for k, v in DP_SCENARIOS[scenario].items() if k != "data_parallel"}
+    single = fisherstore.FisherCollector(micro_batch_size=2, **kw)
+    for b in batches:
+        single.collect_fisher(model, b, task="t")
+    names = single.store.params("t")
+    with fisherstore.open(os.path.join(root, scenario), mode="r") as d:
+        assert d.step("t") == single.store.step("t") == DP_STEPS
+        assert d.metadata("t")["tokens_seen"] == single.get_token_count("t")
+        assert sorted(d.params("t")) == sorted(names)
+        for n in names:
+            want = single.full_fisher("t", n).load()
+            assert want.abs().max() > 0 and _close(d.fisher("t", n).load(), want), (scenario, n)
+    owned = [set(o) for o, _ in per_rank]
+    assert owned[0] and owned[1] and not owned[0] & owned[1] and owned[0] | owned[1] == set(names)
+    want_groups = single.get_group_fisher("t")
+    for rank, (mine, groups) in enumerate(per_rank):
+        # each rank's group view holds exactly the parameters it owns, from the reduced x
+        assert set(groups) == {k for k in want_groups if k.split("|")[1] in mine}, rank
+        for k, v in groups.items():
+            assert _close(torch.from_numpy(v), want_groups[k]), (scenario, rank, k)
+    return single
+
+
+def test_data_parallel_micro_batch_equals_one_process_on_the_union_batch(dp_run):
+    root, results = dp_run
+    single = _check_against_one_process(root, [r["micro_batch"] for r in results], "micro_batch",
+                                        [union_batch(s) for s in range(DP_STEPS)])
+    # T of a step is the union batch's: rank 0 has 3*5 + 2 tokens to predict, rank 1 has 2*5
+    assert single.get_token_count("t") == DP_STEPS * (17 + 10)
+    assert len(single.store.params("t")) > 8  # params="all": embeddings, norms and MLPs too
+    want = single.get_group_fisher("t")
+    for rank, (mine, groups) in enumerate(r["reopened"] for r in results):
+        assert mine and set(groups) == {k for k in want if k.split("|")[1] in mine}, rank
+        for k, v in groups.items():
+            assert _close(torch.from_numpy(v), want[k], rtol=1e-4), (rank, k)
+
+
+def test_data_parallel_batch_estimator_squares_the_summed_gradient_of_all_ranks(dp_run):
+    root, results = dp_run
+    _check_against_one_process(root, [r["batch"] for r in results], "batch", [union_batch(s) for s in range(DP_STEPS)])
+
+
+def test_same_batch_on_every_rank_without_reduction(dp_run):
+    root, results = dp_run
+    _check_against_one_process(root, [r["same"] for r in results], "same", [dp_batch(0, s) for s in range(DP_STEPS)])
+    for r in results:
+        assert "data_parallel=False means every rank sees the same batch" in r["refused"]
+        assert "pass data_parallel=True" in r["refused"]

@@ -4,17 +4,30 @@ import pytest
 import torch
 from torch import nn
 
-from fisherstore import LayoutError, ParamLayout
-from fisherstore.models import attention_param_names, layer_index, layouts_from_model
+from fisherstore import LayoutError, ParamLayout, UnknownParamError
+from fisherstore.models import attention_param_names, layer_index, layer_keys, layouts_from_model
 from tests.models import TINY, tiny_model, token_batch
 
 
-def _o_module(model, layouts, layer):
-    """The output projection module of `layer` and its weight's name."""
+def _o_module(model, layouts, keys, layer):
+    """The output projection module of `layer` (a layer key) and its weight's name."""
     for name, lay in layouts.items():
-        if lay.kind == "o" and name.endswith("weight") and layer_index(name) == layer:
+        if lay.kind == "o" and name.endswith("weight") and keys.get(name) == layer:
             return model.get_submodule(name.rsplit(".", 1)[0]), name
     raise AssertionError("no o projection")
+
+
+def _batch(model, n, seq):
+    batch = token_batch(n=n, seq=seq, pad_last=False)
+    if model.config.is_encoder_decoder:  # the decoder needs inputs of its own
+        batch["decoder_input_ids"] = token_batch(n=n, seq=seq - 1, seed=1, pad_last=False)["input_ids"]
+    return batch
+
+
+def _layers_to_check(keys):
+    """Layer 1 of every attention stream: 1, or encoder.1 / decoder.1 / decoder.1.cross."""
+    found = sorted({k for k in keys.values() if k is not None}, key=str)
+    return [k for k in found if k == 1 or (isinstance(k, str) and k.split(".")[1] == "1")]
 
 
 def _grads(model, loss):
@@ -33,9 +46,16 @@ def _support(lay, shape, h, block):
 def test_layouts_match_gradient_ground_truth(arch):
     model = tiny_model(arch)
     layouts = layouts_from_model(model)
-    batch = token_batch(n=2, seq=6, pad_last=False)
-    layer = 1
-    o_mod, o_name = _o_module(model, layouts, layer)
+    batch = _batch(model, n=2, seq=6)
+    keys = layer_keys([n for n, lay in layouts.items() if lay.has_heads])
+    layers = _layers_to_check(keys)
+    assert len(layers) == (3 if model.config.is_encoder_decoder else 1)
+    for layer in layers:
+        _check_layer(model, layouts, keys, layer, batch, arch)
+
+
+def _check_layer(model, layouts, keys, layer, batch, arch):
+    o_mod, o_name = _o_module(model, layouts, keys, layer)
     o_lay = layouts[o_name]
     H, Hkv = o_lay.num_heads, o_lay.num_kv_heads
     heads = sorted({0, H - 1, 1 if Hkv < H else 2})  # includes the last head and a GQA-shared kv head
@@ -53,7 +73,7 @@ def test_layouts_match_gradient_ground_truth(arch):
         return None
 
     handle = o_mod.register_forward_pre_hook(pre_hook)
-    qkv_names = [n for n, lay in layouts.items() if layer_index(n) == layer and lay.kind in ("q", "k", "v", "qkv")]
+    qkv_names = [n for n, lay in layouts.items() if keys.get(n) == layer and lay.kind in ("q", "k", "v", "qkv")]
     assert qkv_names
     try:
         for h in heads:
@@ -71,7 +91,7 @@ def test_layouts_match_gradient_ground_truth(arch):
                 support = torch.zeros(g.shape, dtype=torch.bool)
                 for b in lay.blocks:
                     support |= _support(lay, g.shape, h, b)
-                assert not g[~support].any(), f"{arch} {name} head {h}: gradient outside {lay}"
+                assert not g[~support].any(), f"{arch} {layer} {name} head {h}: gradient outside {lay}"
                 for b in lay.blocks:
                     blk = g[lay.head_index(h, b, g.ndim)]
                     assert blk.abs().sum() > 0, f"{arch} {name} head {h} block {b}: no gradient inside"
@@ -108,16 +128,87 @@ def test_config_values_are_read_not_guessed():
 
 
 def test_unknown_attention_module_is_an_error_naming_it():
-    class WeirdAttention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wq = nn.Linear(8, 8)
-            self.wo = nn.Linear(8, 8)
+    with pytest.raises(LayoutError, match=r"'attn' \(_WeirdAttention, projections: wq, wo\).*layouts="):
+        layouts_from_model(_Block())
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = WeirdAttention()
 
-    with pytest.raises(LayoutError, match=r"'attn' \(WeirdAttention, projections: wq, wo\)"):
-        layouts_from_model(Block())
+def test_encoder_decoder_geometry_is_read_from_the_modules():
+    t5 = layouts_from_model(tiny_model("t5"))
+    q = t5["decoder.block.1.layer.1.EncDecAttention.q.weight"]
+    assert (q.num_heads, q.num_kv_heads, q.head_dim, q.head_axis) == (4, 4, 6, 0)  # d_kv=6: H*d=24 != d_model=32
+    o = t5["encoder.block.0.layer.0.SelfAttention.o.weight"]
+    assert (o.kind, o.head_dim, o.head_axis) == ("o", 6, 1)
+    assert t5["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] == ParamLayout("embedding")
+    bart = layouts_from_model(tiny_model("bart"))
+    k = bart["model.decoder.layers.0.encoder_attn.k_proj.weight"]
+    assert (k.kind, k.num_heads, k.head_dim) == ("k", 4, 8)
+    assert bart["model.decoder.layers.0.encoder_attn.k_proj.bias"].head_range(2, "K") == (16, 24)
+    assert bart["model.decoder.layers.0.encoder_attn.out_proj.bias"] == ParamLayout("bias")
+    assert len(attention_param_names(bart)) == len(attention_param_names(t5)) == 24
+
+
+def test_layer_keys_tell_stacks_apart_and_stay_ints_for_one_stack():
+    bart = attention_param_names(layouts_from_model(tiny_model("bart")))
+    keys = layer_keys(bart)
+    assert keys["model.encoder.layers.1.self_attn.q_proj.weight"] == "encoder.1"
+    assert keys["model.decoder.layers.1.self_attn.q_proj.weight"] == "decoder.1"
+    assert keys["model.decoder.layers.1.encoder_attn.q_proj.weight"] == "decoder.1.cross"
+    assert len(set(keys.values())) == 6  # 2 encoder, 2 decoder self, 2 decoder cross
+    t5 = layer_keys(attention_param_names(layouts_from_model(tiny_model("t5"))))
+    assert t5["decoder.block.1.layer.1.EncDecAttention.k.weight"] == "decoder.1.cross"  # block 1, not sub-layer 1
+    assert t5["decoder.block.0.layer.0.SelfAttention.k.weight"] == "decoder.0"
+    for arch, name in (("llama", "model.layers.1.self_attn.q_proj.weight"), ("gpt2", "transformer.h.1.attn.c_attn.weight"),
+                       ("opt", "model.decoder.layers.1.self_attn.q_proj.weight")):
+        keys = layer_keys(attention_param_names(layouts_from_model(tiny_model(arch))))
+        assert keys[name] == 1 and set(keys.values()) == {0, 1}, arch  # one stack: ints, as layer_index gives
+        assert layer_index(name) == 1
+    # two stacks neither path calls encoder/decoder: keyed by their paths
+    assert layer_keys(["vision.layers.0.attn.q.weight", "text.layers.0.attn.q.weight"]) == {
+        "vision.layers.0.attn.q.weight": "vision.layers.0", "text.layers.0.attn.q.weight": "text.layers.0"}
+
+
+class _WeirdAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wq = nn.Linear(8, 8)
+        self.wo = nn.Linear(8, 8)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _WeirdAttention()
+
+
+def test_overrides_cover_an_unknown_attention_module():
+    q, o = ParamLayout.attention("q", 2, 4), ParamLayout.attention("o", 2, 4)
+    lay = layouts_from_model(_Block(), overrides={"attn.wq.weight": q, "attn.wo.weight": o})
+    assert lay["attn.wq.weight"] == q and lay["attn.wo.weight"] == o
+    assert lay["attn.wq.bias"] == ParamLayout("bias")  # not covered: a plain vector, no heads
+    # overrides win over recognised layouts too
+    llama = tiny_model("llama")
+    plain = {"model.layers.0.self_attn.q_proj.weight": ParamLayout("other")}
+    assert layouts_from_model(llama, overrides=plain)["model.layers.0.self_attn.q_proj.weight"] == ParamLayout("other")
+    # a module only partly covered still fails, naming what is missing and the fix
+    with pytest.raises(LayoutError) as e:
+        layouts_from_model(_Block(), overrides={"attn.wq.weight": q})
+    assert "'attn.wo.weight'" in str(e.value) and "layouts=" in str(e.value) and "'attn.wq.weight'" not in str(e.value)
+    with pytest.raises(UnknownParamError, match="names no parameter"):
+        layouts_from_model(_Block(), overrides={"attn.wk.weight": q})
+    with pytest.raises(LayoutError, match="attn.wq.weight"):  # 2 heads of 8 do not fit 8 rows
+        layouts_from_model(_Block(), overrides={"attn.wq.weight": ParamLayout.attention("q", 2, 8),
+                                                "attn.wo.weight": o})
+
+
+def test_overrides_rescue_a_recognised_module_whose_geometry_does_not_fit():
+    llama = tiny_model("llama")
+    attn = llama.model.layers[0].self_attn
+    attn.head_dim = 5  # the module now says something its projections contradict
+    with pytest.raises(LayoutError, match=r"model.layers.0.self_attn.*layouts=.*'model.layers.0.self_attn.o_proj.weight'"):
+        layouts_from_model(llama)
+    pre = "model.layers.0.self_attn"
+    fix = {f"{pre}.{p}.weight": ParamLayout.attention(k, 4, 8, 2 if k in "kv" else None)
+           for p, k in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"))}
+    lay = layouts_from_model(llama, overrides=fix)
+    assert lay[f"{pre}.k_proj.weight"].head_range(3, "K") == (8, 16)
+    assert lay["model.layers.1.self_attn.q_proj.weight"].head_dim == 8  # other layers: automatic as before

@@ -89,3 +89,41 @@ def test_heatmap_shapes_and_cache_bound(setup):
     heat2 = QKOVInterference(QKOVIndexer.from_model(model)).heatmap(C, G, ram)
     for b in "QKVO":
         assert heat2[b] == pytest.approx(heat[b], rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_encoder_decoder_indexer_keeps_every_attention_weight(arch):
+    model = tiny_model(arch)
+    idx = QKOVIndexer.from_model(model)
+    assert idx.layers == ["encoder.0", "encoder.1", "decoder.0", "decoder.1", "decoder.0.cross", "decoder.1.cross"]
+    names = {idx.param_name(layer, b) for layer in idx.layers for b in "QKVO"}
+    assert len(names) == 24  # 2 encoder self + 2 decoder self + 2 decoder cross, 4 weights each
+    cross_k = "model.decoder.layers.1.encoder_attn.k_proj.weight" if arch == "bart" else \
+        "decoder.block.1.layer.1.EncDecAttention.k.weight"
+    assert idx.param_name("decoder.1.cross", "K") == cross_k
+    assert idx.block_slice("decoder.1.cross", 3, "K").rows == slice(3 * idx.layouts[cross_k].head_dim,
+                                                                    4 * idx.layouts[cross_k].head_dim)
+    with pytest.raises(HeadIndexError, match=r"layer 1 is ambiguous.*'encoder.1'.*'decoder.1.cross'"):
+        idx.param_name(1, "Q")
+    with pytest.raises(HeadIndexError, match="'decoder.7'"):
+        idx.param_name("decoder.7", "Q")
+
+
+def test_encoder_decoder_indexer_from_store_matches_model(tmp_path):
+    from fisherstore.losses import seq2seq_lm
+    from tests.models import seq2seq_batch
+
+    model = tiny_model("bart")
+    fc = FisherCollector(backend="zarr", path=tmp_path / "s", loss_fn=seq2seq_lm)
+    fc.collect_fisher(model, seq2seq_batch(n=2), task="a")
+    from_store = QKOVIndexer.from_store(fc.store, "a")
+    from_model = QKOVIndexer.from_model(model)
+    assert from_store.layers == from_model.layers
+    for layer in from_model.layers:
+        for b in "QKVO":
+            assert from_store.block_slice(layer, 2, b) == from_model.block_slice(layer, 2, b)
+    samples = fc.sample_gradients(model, seq2seq_batch(n=2, seed=3))  # per-sample, with the seq2seq loss
+    assert samples.tokens.tolist() == [5, 2]
+    heat = QKOVInterference(from_store).heatmap(samples.contributions(), samples.signed(), fc.full_fisher("a"))
+    assert heat["Q"].shape == (6, 4) and (heat["Q"] > 0).all() and heat["layers"][-1] == "decoder.1.cross"
+    fc.close()

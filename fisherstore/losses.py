@@ -1,0 +1,184 @@
+"""Losses for Fisher collection: the token-summed cross entropy a model is trained with.
+
+A loss is any callable ``loss_fn(model, batch) -> (loss_sum, n_tokens)``: ``loss_sum`` is
+the cross entropy **summed** over the predicted tokens of ``batch`` (a scalar tensor to
+backpropagate), and ``n_tokens`` the number of those tokens (labels ≠ -100). The
+collector squares the gradient of ``loss_sum`` and divides by the step's total
+``n_tokens``, so the choice of loss decides both what is predicted and what T is.
+
+=================  ===========================================  ===============================
+loss               models                                       targets
+=================  ===========================================  ===============================
+``causal_lm``      decoder-only LMs (LLaMA, GPT-2, OPT, ...)    ``labels`` (default: input_ids,
+                                                                padding -100) shifted left by one
+``seq2seq_lm``     encoder-decoders (BART, T5, mBART, ...)      ``labels`` as given (required);
+                                                                HF builds the decoder inputs by
+                                                                shifting them right
+``masked_lm``      BERT, RoBERTa, ... (``*ForMaskedLM``)        ``labels`` as given (required):
+                                                                -100 except at masked positions
+=================  ===========================================  ===============================
+
+The built-in losses are :class:`TokenLoss` objects: besides the call they count a batch's
+tokens without running the model (:meth:`TokenLoss.count_tokens`), which lets the
+collector stream each micro-batch's squared gradient to the store as soon as it is final.
+A plain function works too; the collector then keeps a per-step sum until the last
+micro-batch has told it T.
+
+Usage::
+
+    from fisherstore import FisherCollector
+    from fisherstore.losses import seq2seq_lm
+
+    fc = FisherCollector(loss_fn=seq2seq_lm)
+    fc.collect_fisher(bart, {"input_ids": src, "attention_mask": src_mask, "labels": tgt})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InvalidArgumentError
+
+__all__ = ["LossFn", "TokenLoss", "causal_lm", "seq2seq_lm", "masked_lm", "IGNORE_INDEX"]
+
+#: The label that marks a position with nothing to predict (Hugging Face's convention).
+IGNORE_INDEX = -100
+
+LossFn = Callable[[nn.Module, Mapping[str, Any]], tuple[torch.Tensor, int]]
+
+
+def _need(batch: Mapping[str, Any], key: str, loss: str, why: str) -> torch.Tensor:
+    v = batch.get(key)
+    if v is None:
+        raise InvalidArgumentError(
+            f"the batch has no {key!r}, which the {loss} loss needs ({why}); it has {sorted(batch)}. "
+            f"Add {key!r} to the batch, or pass the loss_fn that matches the model"
+        )
+    if not isinstance(v, torch.Tensor) or v.ndim != 2:
+        raise InvalidArgumentError(
+            f"batch[{key!r}] must be a [batch, seq] tensor for the {loss} loss, got "
+            f"{type(v).__name__} of shape {tuple(getattr(v, 'shape', ()))}"
+        )
+    return v
+
+
+def _model_inputs(batch: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: batch[k] for k in keys if batch.get(k) is not None}
+
+
+class TokenLoss:
+    """A cross-entropy loss over predicted tokens: ``loss(model, batch) -> (loss_sum, n_tokens)``.
+
+    Subclasses say which tokens are targets (:meth:`targets`) and which logits predict
+    them (:meth:`logits`); the cross entropy (fp32, summed, ``-100`` ignored) and the
+    token count are shared, so every built-in loss normalises the same way.
+    Usage: ``loss_sum, n = causal_lm(model, batch)``.
+    """
+
+    name = "token_loss"
+
+    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The target ids aligned with :meth:`logits`, ``-100`` where nothing is predicted."""
+        raise NotImplementedError
+
+    def logits(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The logits ``[batch, positions, vocab]`` that predict :meth:`targets`."""
+        raise NotImplementedError
+
+    def count_tokens(self, batch: Mapping[str, Any]) -> int:
+        """How many tokens ``batch`` predicts (the ``n_tokens`` a call returns), without the model."""
+        return int((self.targets(batch) != IGNORE_INDEX).sum())
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
+        tgt = self.targets(batch)
+        logits = self.logits(model, batch)
+        if tuple(logits.shape[:-1]) != tuple(tgt.shape):
+            raise InvalidArgumentError(
+                f"the {self.name} loss got logits of shape {tuple(logits.shape)} for targets of shape "
+                f"{tuple(tgt.shape)}; the model's output positions must line up with the labels "
+                "(check labels / decoder_input_ids lengths, or pass the loss_fn that matches the model)"
+            )
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, int((tgt != IGNORE_INDEX).sum())
+
+    def __repr__(self) -> str:
+        return f"fisherstore.losses.{self.name}"
+
+
+class CausalLM(TokenLoss):
+    """Next-token prediction: position i predicts token i+1 (decoder-only models).
+
+    ``labels`` default to ``input_ids`` with padding (``attention_mask == 0``) set to -100;
+    either way they are shifted left by one, as Hugging Face's causal-LM loss does.
+    """
+
+    name = "causal_lm"
+
+    def _mask(self, batch: Mapping[str, Any], ids: torch.Tensor) -> torch.Tensor:
+        mask = batch.get("attention_mask")
+        return torch.ones_like(ids) if mask is None else mask
+
+    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        ids = _need(batch, "input_ids", self.name, "the tokens to predict from")
+        labels = batch.get("labels")
+        if labels is None:
+            labels = ids.masked_fill(self._mask(batch, ids) == 0, IGNORE_INDEX)
+        return labels[:, 1:]
+
+    def logits(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        ids = _need(batch, "input_ids", self.name, "the tokens to predict from")
+        return model(input_ids=ids, attention_mask=self._mask(batch, ids)).logits[:, :-1]
+
+
+class Seq2SeqLM(TokenLoss):
+    """Encoder-decoder prediction: decoder position i predicts ``labels[:, i]`` (BART, T5, ...).
+
+    The model gets ``input_ids``, ``attention_mask`` and, when the batch has them,
+    ``decoder_input_ids`` / ``decoder_attention_mask``; otherwise it gets ``labels`` and
+    builds the decoder inputs itself by shifting them right. The labels are used unshifted.
+    """
+
+    name = "seq2seq_lm"
+    _inputs = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+
+    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return _need(batch, "labels", self.name, "the decoder's target tokens, -100 where there are none")
+
+    def logits(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        _need(batch, "input_ids", self.name, "the encoder's input tokens")
+        kw = _model_inputs(batch, self._inputs)
+        if "decoder_input_ids" not in kw:
+            kw["labels"] = self.targets(batch)  # the model shifts them right into decoder inputs
+        return model(**kw).logits
+
+
+class MaskedLM(TokenLoss):
+    """Masked-token prediction: position i predicts ``labels[:, i]`` (BERT, RoBERTa, ...).
+
+    The model gets ``input_ids``, ``attention_mask`` and ``token_type_ids`` when present;
+    ``labels`` hold the original token at masked positions and -100 elsewhere.
+    """
+
+    name = "masked_lm"
+    _inputs = ("input_ids", "attention_mask", "token_type_ids")
+
+    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return _need(batch, "labels", self.name, "the original tokens at masked positions, -100 elsewhere")
+
+    def logits(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        _need(batch, "input_ids", self.name, "the (masked) input tokens")
+        return model(**_model_inputs(batch, self._inputs)).logits
+
+
+#: Decoder-only next-token loss (the collector's default).
+causal_lm = CausalLM()
+#: Encoder-decoder loss on unshifted ``labels``.
+seq2seq_lm = Seq2SeqLM()
+#: Masked-token loss on unshifted ``labels``.
+masked_lm = MaskedLM()
