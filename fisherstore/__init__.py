@@ -14,11 +14,12 @@ This module only re-exports; docs/architecture.md maps the modules behind it.
 from __future__ import annotations
 
 from . import errors as _errors
+from . import losses
 from ._version import __version__
 from .api import open
 from .catalog import ParamInfo
 from .codecs import CodecSpec
-from .collector import FisherCollector
+from .collector import FisherCollector, StoredDecayWarning
 from .dist import RankGroup
 from .errors import *  # noqa: F403 - every error class, as errors.__all__ lists them
 from .layout import ParamLayout
@@ -38,6 +39,8 @@ __all__ = [
     "ParamLayout",
     "CodecSpec",
     "FisherCollector",
+    "StoredDecayWarning",
+    "losses",
     "layouts_from_model",
     "RankGroup",
     *_errors.__all__,

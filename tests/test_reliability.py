@@ -199,6 +199,32 @@ def test_reader_during_flushes_sees_each_tensor_whole_at_one_step(ctx, tmp_path,
         w.kill()
 
 
+@pytest.mark.parametrize("backend", DISK_BACKENDS)
+def test_iter_heads_and_verify_during_flushes(ctx, tmp_path, backend):
+    """A threaded head sweep and `verify`, racing a writer that commits continuously, never fail."""
+    path = str(tmp_path / "s")
+    ref = cw.Reference()
+    w = Writer(ctx, path, backend)
+    try:
+        w.wait_for("ready")
+        sweeps = verifies = 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with fisherstore.open(path, mode="r", backend=backend) as r:
+                step = r.step(cw.TASK)
+                ref.at(step + 20 * cw.FLUSH_EVERY)
+                blocks = list(r.iter_heads(cw.TASK, workers=4, bias_corrected=False))
+                assert len(blocks) == len(cw.NAMES) * cw.LAYOUT.num_heads
+                sweeps += 1
+            rep = verify_store(path, backend=backend)
+            assert rep.ok, [f.message for f in rep.problems]  # never "lost" data that a commit just moved
+            verifies += 1
+        assert sweeps >= 3 and verifies >= 3, (sweeps, verifies)
+    finally:
+        w.kill()
+    assert [m for m in w.msgs if m[0] == "flushed"], "the writer never committed while we read"
+
+
 # -- one writer -------------------------------------------------------------------------
 def _try_open_writer(path, conn):
     try:

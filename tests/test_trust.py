@@ -715,3 +715,27 @@ def test_creating_many_parameters_writes_no_document_until_the_flush(tmp_path):
     assert created < 30, f"10,000 creations took {created:.1f} s"
     with fisherstore.open(tmp_path / "s", mode="r") as r:
         assert len(r.params("t")) == 10_000
+
+
+# -- siblings found on the way ------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", DISK)
+def test_parameters_keep_their_creation_order_across_a_reopen(tmp_path, backend):
+    # Round-robin rank ownership and the resident set follow creation order: a reopened
+    # store that listed parameters sorted would hand them to other ranks and other budgets.
+    names = ["z.w", "a.w", "m.w"]
+    with fisherstore.open(tmp_path / "s", mode="w", backend=backend, memory_budget=1 << 20) as s:
+        for n in names:
+            s.create("t", n, (128, 384))  # 192 KiB each: two fit the 768 KiB resident set, the third streams
+        resident = [s.param("t", n).resident for n in names]
+    with fisherstore.open(tmp_path / "s", mode="a", backend=backend, memory_budget=1 << 20) as s:
+        assert s.params("t") == names
+        assert [s.param("t", n).resident for n in names] == resident == [True, True, False]
+
+
+def test_a_zero_size_parameter_verifies_clean(tmp_path, disk_backend):
+    # It has no chunks at all; verify once expected one and cried "missing".
+    path = str(tmp_path / "s")
+    with fisherstore.open(path, mode="w", backend=disk_backend) as s:
+        s.create("t", "empty", (0, 4))
+        s.update("t", {"empty": torch.ones(0, 4)})
+    assert verify_store(path, backend=disk_backend).ok
