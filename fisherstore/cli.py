@@ -1,12 +1,15 @@
 """The ``fisherstore`` command line.
 
-    fisherstore demo [--out DIR]        collect two tasks on a tiny LLaMA-style model, score QK-OV
-    fisherstore info PATH [--json]      tasks, parameters, steps, bytes on disk
-    fisherstore verify PATH [--json]    check every committed chunk; name what a crash rolled back
-    fisherstore unlock PATH --force     remove a stale writer lock whose process is gone
+    fisherstore demo [--out DIR]                       collect two tasks on a tiny LLaMA-style model, score QK-OV
+    fisherstore info PATH [--json]                     tasks, parameters, steps, bytes on disk
+    fisherstore verify PATH [--json]                   check every committed chunk; name what a crash rolled back
+    fisherstore plot PATH --task T [--compare T2] --out fig.png   per-block [layer x head] Fisher mass heat map
+    fisherstore unlock PATH --force                    remove a stale writer lock whose process is gone
 
-Exit codes: 0 success (verify: clean), 1 an error about the store or its data (verify:
-problems found), 2 bad usage.
+Exit codes follow one table, :data:`EXIT_CODES` (printed by ``--help``, and in docs/cli.md).
+
+Adding a subcommand is one function registered with :func:`command`: it adds its parser
+to the subparsers and sets ``run`` (``args -> exit code``) as the parser's default.
 """
 
 from __future__ import annotations
@@ -16,55 +19,301 @@ import json
 import math
 import os
 import sys
-import tempfile
-import time
+from collections.abc import Callable
 from typing import Any
 
 from ._version import __version__
-from .errors import FisherStoreError, human_bytes
+from .backends import location
+from .demo import run_demo
+from .errors import (
+    FisherStoreError,
+    FormatVersionError,
+    HeadIndexError,
+    InvalidArgumentError,
+    LayoutError,
+    NotAFisherStoreError,
+    SliceError,
+    StorageError,
+    StoreLockedError,
+    UnknownParamError,
+    UnknownTaskError,
+    human_bytes,
+)
+
+__all__ = ["main", "build_parser", "command", "exit_code", "store_info", "run_demo", "EXIT_CODES"]
+
+#: The one exit-code table of every subcommand: (code, name, meaning).
+EXIT_CODES: tuple[tuple[int, str, str], ...] = (
+    (0, "ok", "success (verify: the store is clean; unlock: the stale lock was removed, or none was held)"),
+    (1, "damaged", "the store or its data is damaged: verify found problems, or a read hit a bad chunk or document"),
+    (2, "usage", "the command line is wrong: a bad argument or value, an unknown task or parameter, unlock without "
+                 "--force"),
+    (3, "no store", "there is no fisherstore store at PATH: it does not exist, is a file, or is not a store"),
+    (4, "busy", "a live writer holds the store (unlock refuses to remove its lock)"),
+    (5, "environment", "this machine cannot do it: permission denied, disk full or an I/O error, a store written by "
+                       "a newer fisherstore, a missing optional package"),
+)
+OK, DAMAGED, USAGE, NO_STORE, BUSY, ENVIRONMENT = (c for c, _, _ in EXIT_CODES)
 
 
-# -- info ------------------------------------------------------------------------------
+def exit_code(e: BaseException) -> int:
+    """The :data:`EXIT_CODES` entry of an error a subcommand raised."""
+    if isinstance(e, NotAFisherStoreError):
+        return NO_STORE
+    if isinstance(e, StoreLockedError):
+        return BUSY
+    if isinstance(e, (InvalidArgumentError, UnknownTaskError, UnknownParamError, HeadIndexError, SliceError,
+                      LayoutError)):
+        return USAGE
+    if isinstance(e, (FormatVersionError, StorageError, ImportError)):
+        return ENVIRONMENT
+    if isinstance(e, FisherStoreError):
+        return DAMAGED
+    return ENVIRONMENT  # a plain OSError: permissions, I/O
+
+
+# Messages raised deeper down speak Python (they serve the library too); the CLI says the same in its own words.
+_CLI_WORDS = (
+    (" Point fisherstore.open at the store's root directory.", " Give the store's root directory."),
+    ("Reopen it with fisherstore.open(path, mode='r') to read the new store.", "Run the command again."),
+    (", or open this store with mode='r' to read it.", "; `fisherstore info` and `verify` read it meanwhile."),
+    ("reopen with force=True (CLI: fisherstore unlock --force PATH)", "run `fisherstore unlock --force PATH`"),
+    (". Check the path, or use mode='a' to create one.", ". Check the path."),
+    (". Check the path, or open it with mode='a' or 'w' to create a store there.", ". Check the path."),
+)
+
+
+def cli_message(e: BaseException) -> str:
+    """``str(e)`` with the library's Python advice turned into command-line words."""
+    msg = str(e)
+    for python, cli in _CLI_WORDS:
+        msg = msg.replace(python, cli)
+    return msg
+
+
+def store_dir(path: str, *, need_doc: bool = True) -> str:
+    """``path`` if it is a store's directory (or an ``s3://`` URL), else :class:`NotAFisherStoreError` saying what
+    it is instead."""
+    path = location(path)
+    if "://" in path:
+        return path  # the store itself says whether it is one
+    if not os.path.exists(path):
+        raise NotAFisherStoreError(f"{path}: no such directory. Check the path (`fisherstore demo --out DIR` makes "
+                                   "a store to try the commands on).")
+    if not os.path.isdir(path):
+        hint = f"; the store is its directory, {os.path.dirname(os.path.abspath(path))}" \
+            if os.path.basename(path) == "zarr.json" else ""
+        raise NotAFisherStoreError(f"{path} is a file, not a store: a fisherstore store is a directory{hint}.")
+    if need_doc and not os.path.isfile(os.path.join(path, "zarr.json")):
+        raise NotAFisherStoreError(f"{path} is a directory but not a fisherstore store (it has no zarr.json). Give "
+                                   "the store's root directory.")
+    return path
+
+
+# -- the subcommand registry ---------------------------------------------------------------
+_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def command(setup: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Register a subcommand: ``setup(subparsers)`` adds its parser and ``set_defaults(run=...)``."""
+    _COMMANDS.append(setup)
+    return setup
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return n
+
+
+def _store_args(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    p.add_argument("path", help="the store's directory")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--backend", choices=("zarr", "tensorstore"), default="zarr")
+
+
+@command
+def _demo(sub: Any) -> None:
+    d = sub.add_parser("demo", help="collect two tasks on a tiny model and print a QK-OV table",
+                       description="Build a tiny LLaMA-style GQA model, collect two tasks into a Zarr store, "
+                                   "read head blocks lazily and print per-(layer, head, block) interference.")
+    d.add_argument("--out", help="output directory (default: a new temporary directory)")
+    d.add_argument("--backend", choices=("zarr", "tensorstore"), default="zarr")
+    d.add_argument("--steps", type=_positive_int, default=3, help="collect_fisher calls per task (at least 1; "
+                                                                   "default 3)")
+
+    def run(a: argparse.Namespace) -> int:
+        run_demo(a.out, backend=a.backend, steps=a.steps)
+        return OK
+
+    d.set_defaults(run=run)
+
+
+@command
+def _info(sub: Any) -> None:
+    p = sub.add_parser("info", help="describe a store",
+                       description="Print tasks, parameters, shapes, steps, bytes on disk and compression ratio.")
+    _store_args(p)
+
+    def run(a: argparse.Namespace) -> int:
+        info = store_info(store_dir(a.path), backend=a.backend)
+        if a.json:
+            json.dump(info, sys.stdout, indent=1)
+            print()
+        else:
+            _print_info(info)
+        return OK
+
+    p.set_defaults(run=run)
+
+
+@command
+def _verify(sub: Any) -> None:
+    p = sub.add_parser("verify", help="check every committed chunk of a store",
+                       description="Read every chunk of every committed generation and check its crc32c checksum; "
+                                   "list what an interrupted writer left behind (rolled back). Exit 0 clean, 1 "
+                                   "problems found.")
+    _store_args(p)
+
+    def run(a: argparse.Namespace) -> int:
+        from .verify import verify_store
+
+        rep = verify_store(store_dir(a.path), backend=a.backend)
+        if a.json:
+            json.dump(rep.to_dict(), sys.stdout, indent=1)
+            print()
+        else:
+            _print_verify(rep)
+        return OK if rep.ok else DAMAGED
+
+    p.set_defaults(run=run)
+
+
+@command
+def _plot(sub: Any) -> None:
+    p = sub.add_parser("plot", help="draw a task's per-block [layer x head] Fisher mass heat map",
+                       description="Sum each head block's Fisher (one chunk read each) and draw one [layer x head] "
+                                   "panel per block (Q, K, V, O). With --compare, draw both tasks' shares of their "
+                                   "own total mass and log2 of their ratio. Needs matplotlib and pandas.")
+    _store_args(p, json_flag=False)
+    p.add_argument("--task", required=True, help="the task to draw")
+    p.add_argument("--compare", metavar="TASK2", help="a second task to compare against --task")
+    p.add_argument("--out", required=True, help="the PNG file to write")
+
+    def run(a: argparse.Namespace) -> int:
+        from .api import open as open_store
+        from .plots import plot_mass
+
+        with open_store(store_dir(a.path), mode="r", backend=a.backend) as s:
+            df = s.summary(a.task)
+            other = s.summary(a.compare) if a.compare else None
+        print(plot_mass(df, a.out, compare=other))
+        return OK
+
+    p.set_defaults(run=run)
+
+
+@command
+def _qkov(sub: Any) -> None:
+    p = sub.add_parser("qkov", help="score QK-OV interference between two tasks' samples, straight from the store",
+                       description="For every (layer, head, block), read task A's per-sample contributions, task B's "
+                                   "per-sample gradients and the Fisher block, score all pairs with one matmul, and "
+                                   "print the [layer x head] mean per block and the top conflicts. Needs per-sample "
+                                   "gradients of both tasks (FisherCollector.collect_samples).")
+    _store_args(p)
+    p.add_argument("--task-a", required=True, help="the task whose contributions C_i = g_i^2/T_i are scored")
+    p.add_argument("--task-b", required=True, help="the task whose gradients g_j/T_j are scored against them")
+    p.add_argument("--fisher", choices=("ema", "contribution"), default="ema",
+                   help="normalise by the EMA Fisher (default) or the contribution Fisher mean_i C_i")
+    p.add_argument("--fisher-task", help="the task whose Fisher normalises (default: --task-a)")
+    p.add_argument("--layers", nargs="+", help="layer keys to score (default: all)")
+    p.add_argument("--heads", nargs="+", type=int, help="query heads to score (default: all)")
+    p.add_argument("--blocks", default="QKVO", help="blocks to score, e.g. QK (default QKVO)")
+    p.add_argument("--top", type=_positive_int, default=10, help="top conflicts to print per block (default 10)")
+    p.add_argument("--png", help="also draw the heat map into this PNG (needs matplotlib)")
+
+    def run(a: argparse.Namespace) -> int:
+        from .api import open as open_store
+        from .qkov import QKOVIndexer, QKOVInterference, heatmap_png
+
+        with open_store(store_dir(a.path), mode="r", backend=a.backend) as s:
+            qk = QKOVInterference(QKOVIndexer.from_store(s, a.task_a))
+            layers = [int(v) if v.lstrip("-").isdigit() else v for v in a.layers] if a.layers else None
+            heat = qk.heatmap_from_store(s, a.task_a, a.task_b, fisher=a.fisher, fisher_task=a.fisher_task,
+                                         layers=layers, heads=a.heads, blocks=a.blocks)
+        blocks = [b for b in "QKVO" if b in heat]
+        if a.png:
+            heatmap_png(heat, a.png, f"QK-OV interference ({a.task_a} vs {a.task_b}, {a.fisher} Fisher)")
+        if a.json:
+            json.dump({"task_a": a.task_a, "task_b": a.task_b, "fisher": a.fisher, "layers": heat["layers"],
+                       "heads": heat["heads"], "mean": {b: heat[b].tolist() for b in blocks},
+                       "top_conflicts": {b: heat["top_conflicts"][b][:a.top] for b in blocks},
+                       "png": a.png}, sys.stdout, indent=1)
+            print()
+            return OK
+        print(f"QK-OV interference, {a.task_a} samples x {a.task_b} samples, {a.fisher} Fisher (mean over pairs):")
+        print("  layer   head " + " ".join(f"{b:>10s}" for b in blocks))
+        for li, layer in enumerate(heat["layers"]):
+            for hi, h in enumerate(heat["heads"]):
+                print(f"  {layer!s:>7s} {h:4d} " + " ".join(f"{heat[b][li, hi]:10.3e}" for b in blocks))
+        for b in blocks:
+            print(f"  top {b} conflicts: " + "; ".join(
+                f"{c['sample_i']} x {c['sample_j']} at layer {c['layer']} head {c['head']}: {c['score']:.3e}"
+                for c in heat["top_conflicts"][b][:a.top]))
+        if a.png:
+            print(f"  heat map: {a.png}")
+        return OK
+
+    p.set_defaults(run=run)
+
+
+@command
+def _unlock_cmd(sub: Any) -> None:
+    u = sub.add_parser("unlock", help="remove a stale writer lock",
+                       description="Remove the writer lock of a process that is gone (pidfile locks; an "
+                                   "flock lock is released by the kernel when its writer dies).")
+    u.add_argument("path", help="the store's directory")
+    u.add_argument("--force", action="store_true", help="required: confirm the writer is gone")
+    u.set_defaults(run=lambda a: _unlock(store_dir(a.path, need_doc=False), a.force))
+
+
+# -- what the subcommands print -------------------------------------------------------------
 def store_info(path: str, backend: str = "zarr") -> dict[str, Any]:
     """A JSON-ready summary of a store: tasks, parameters, steps, bytes and compression."""
     from .api import open as open_store
 
     with open_store(path, mode="r", backend=backend) as s:
         meta = s.metadata()
-        info: dict[str, Any] = {
-            "path": os.path.abspath(path),
-            "format_version": meta["format_version"],
-            "written_by": meta["written_by"],
-            "codecs": meta["codecs"],
-            "tasks": {},
-        }
+        info: dict[str, Any] = {"path": path if "://" in path else os.path.abspath(path), "format_version": meta["format_version"],
+                                "written_by": meta["written_by"], "codecs": meta["codecs"], "tasks": {}}
         total_logical = total_disk = 0
         for task in s.tasks():
             tm = s.metadata(task)
             params = {}
             for name, p in tm["params"].items():
                 logical = 4 * math.prod(p["shape"])
-                disk = s.nbytes_on_disk(task, name, chunks_only=True, committed=True)
-                params[name] = {
-                    "shape": list(p["shape"]),
-                    "chunks": list(p["chunks"]),
-                    "layout": p["layout"].to_dict() if p["layout"] else None,
-                    "t_last": p["t_last"],
-                    "updates": p["updates"],
-                    "nonfinite_skipped": p["nonfinite_skipped"],
-                    "bytes": logical,
-                    "chunk_bytes_on_disk": disk,
-                }
-                total_logical += logical
-                total_disk += disk
-            info["tasks"][task] = {
-                "step": tm["step"],
-                "tokens_seen": tm["tokens_seen"],
-                "estimator": tm["estimator"],
-                "model": tm["model"],
-                "params": params,
-            }
-        info["bytes"] = total_logical
+                disk = s.nbytes_on_disk(task, name, chunks_only=True, committed=True, kind="fisher")
+                params[name] = {"shape": list(p["shape"]), "chunks": list(p["chunks"]),
+                                "layout": p["layout"].to_dict() if p["layout"] else None, "t_last": p["t_last"],
+                                "updates": p["updates"], "nonfinite_skipped": p["nonfinite_skipped"],
+                                "bytes": logical, "chunk_bytes_on_disk": disk}
+                if disk:  # the ratio compares what is on disk with what it holds (never-flushed: nothing)
+                    total_logical += logical
+                    total_disk += disk
+            names = s.sample_params(task)
+            samples = {"n": len(s.sample_ids(task)), "params": names,
+                       "dtypes": sorted({str(s.samples(task, n).dtype).replace("torch.", "") for n in names}),
+                       "bytes": sum(s.samples(task, n).shape.numel() * s.samples(task, n).dtype.itemsize
+                                    for n in names)}
+            info["tasks"][task] = {"step": tm["step"], "tokens_seen": tm["tokens_seen"],
+                                   "estimator": tm["estimator"], "model": tm["model"], "params": params,
+                                   "samples": samples}
+        info["bytes"] = sum(p["bytes"] for t in info["tasks"].values() for p in t["params"].values())
         # What a reader sees: the committed generations. A writer's uncommitted work (and what a
         # crash left) is counted apart, so `info` during a flush never reports half a flush.
         info["bytes_on_disk"] = s.nbytes_on_disk(committed=True)
@@ -81,86 +330,17 @@ def _print_info(info: dict[str, Any]) -> None:
           + (f" (+{human_bytes(info['other_bytes_on_disk'])} metadata and uncommitted)" if info["other_bytes_on_disk"] else "")
           + (f", chunk compression {ratio:.3f}x" if ratio else ""))
     for task, t in info["tasks"].items():
+        smp = t["samples"]
         print(f"  task {task!r}: step {t['step']}, {t['tokens_seen']} tokens, estimator {t['estimator']}, "
-              f"{len(t['params'])} params")
+              f"{len(t['params'])} params"
+              + (f"; per-sample gradients: {smp['n']} samples of {len(smp['params'])} params "
+                 f"({'/'.join(smp['dtypes'])}, {human_bytes(smp['bytes'])})" if smp["n"] else ""))
         for name, p in t["params"].items():
             kind = (p["layout"] or {}).get("kind", "-")
             print(f"    {name:50s} {kind:5s} {str(tuple(p['shape'])):16s} chunks {str(tuple(p['chunks'])):14s} "
                   f"{human_bytes(p['chunk_bytes_on_disk']):>10s}")
 
 
-# -- demo ------------------------------------------------------------------------------
-def _demo_model(seed: int = 0) -> Any:
-    import torch
-    import transformers as T
-
-    T.logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    cfg = T.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    cfg._attn_implementation = "eager"
-    model = T.LlamaForCausalLM(cfg)
-    return model.eval()
-
-
-def _demo_batch(task_lo: int, seed: int, n: int = 8, seq: int = 16) -> dict[str, Any]:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(task_lo, task_lo + 64, (n, seq), generator=g)
-    mask = torch.ones_like(ids)
-    mask[-1, seq // 2 :] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def run_demo(out: str | None = None, backend: str = "zarr", steps: int = 3, quiet: bool = False) -> dict[str, Any]:
-    """The README demo: a tiny GQA model, two tasks, lazy head reads and a QK-OV heat map."""
-    from .collector import FisherCollector
-    from .qkov import QKOVIndexer, QKOVInterference, heatmap_png
-
-    say = (lambda *a: None) if quiet else print
-    t0 = time.process_time()
-    out = out or tempfile.mkdtemp(prefix="fisherstore-demo-")
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "fisher.zarr")
-    model = _demo_model()
-    tasks = {"task_a": 0, "task_b": 64}
-    say(f"fisherstore {__version__} demo: tiny LLaMA (2 layers, H=4, H_kv=2, d=16) -> {path}")
-    with FisherCollector(ema_decay=0.99, backend=backend, path=path, mode="w") as fc:
-        for task, lo in tasks.items():
-            for i in range(steps):
-                fc.collect_fisher(model, _demo_batch(lo, seed=100 * lo + i), task=task)
-            say(f"  collected {task}: {fc.store.step(task)} EMA steps, {fc.get_token_count(task)} tokens")
-        fc.flush()
-        q_name = "model.layers.1.self_attn.q_proj.weight"
-        F = fc.full_fisher("task_a", q_name)
-        block = F.head(3, "Q")
-        say(f"  lazy read: {F!r}")
-        say(f"    head 3 Q block {tuple(block.shape)} = one chunk {F.chunks}; "
-            f"group view equals its sum: {float(block.sum()):.4e} vs "
-            f"{float(fc.get_group_fisher('task_a', q_name, 'head')[3]):.4e}")
-        idx = QKOVIndexer.from_model(model)
-        qk = QKOVInterference(idx)
-        a = fc.sample_gradients(model, _demo_batch(0, seed=7, n=4))
-        b = fc.sample_gradients(model, _demo_batch(64, seed=8, n=4))
-        heat = qk.heatmap(a.contributions(), b.signed(), fc.full_fisher("task_a"))
-    say("  QK-OV interference, task_a samples x task_b samples, Fisher of task_a (mean over pairs):")
-    say("    layer head " + " ".join(f"{blk:>10s}" for blk in "QKVO"))
-    for li, layer in enumerate(heat["layers"]):
-        for hi, h in enumerate(heat["heads"]):
-            say(f"    {layer:5d} {h:4d} " + " ".join(f"{heat[blk][li, hi]:10.3e}" for blk in "QKVO"))
-    png = None
-    try:
-        png = heatmap_png(heat, os.path.join(out, "qkov_heatmap.png"), "QK-OV interference (task_a vs task_b)")
-        say(f"  heat map: {png}")
-    except ImportError:
-        say("  (matplotlib is not installed: pip install 'fisherstore[plot]' for the PNG heat map)")
-    say(f"  store: {path}  (inspect it with: fisherstore info {path})")
-    say(f"  done in {time.process_time() - t0:.1f} s of CPU time")
-    return {"out": out, "store": path, "png": png, "heat": heat}
-
-
-# -- verify / unlock -------------------------------------------------------------------
 def _print_verify(rep: Any) -> None:
     print(f"{rep.path}: {'clean' if rep.ok else f'{len(rep.problems)} problem(s)'} "
           f"({rep.chunks_checked} chunks, {human_bytes(rep.bytes_checked)} checked)")
@@ -179,83 +359,45 @@ def _unlock(path: str, force: bool) -> int:
     holder = read_holder(lock_path)
     if not os.path.exists(lock_path) or not holder:
         print(f"{path}: no writer lock is held")
-        return 0
+        return OK
     if not force:
-        print(f"fisherstore: error: {path} has a writer lock record from pid {holder.get('pid')} on host "
-              f"{holder.get('host')}; pass --force to remove it once you are sure that writer is gone",
-              file=sys.stderr)
-        return 2
+        raise InvalidArgumentError(f"{path} has a writer lock record from pid {holder.get('pid')} on host "
+                                   f"{holder.get('host')}; pass --force to remove it once you are sure that writer "
+                                   "is gone")
     if holder_alive(holder):
-        print(f"fisherstore: error: pid {holder['pid']} on this host still runs; it holds the store. "
-              "Stop it first.", file=sys.stderr)
-        return 1
+        raise StoreLockedError(f"pid {holder['pid']} on this host still runs and holds the store {path}; stop it "
+                               "first (or let it finish)")
     lock = StoreLock(path, force=True)
     lock.acquire()  # raises StoreLockedError if a live writer really holds it
     lock.release()
     print(f"{path}: removed the stale lock of pid {holder.get('pid')} on host {holder.get('host')}")
-    return 0
+    return OK
 
 
-# -- entry point -----------------------------------------------------------------------
+# -- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every registered subcommand; the epilog is the exit-code table."""
+    table = "\n".join(f"  {code}  {name:12s} {meaning}" for code, name, meaning in EXIT_CODES)
     ap = argparse.ArgumentParser(prog="fisherstore", description="Full elementwise Fisher information, on disk.",
-                                 epilog="Exit codes: 0 ok, 1 store/data error, 2 usage error.")
+                                 epilog=f"exit codes (every command):\n{table}",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"fisherstore {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    d = sub.add_parser("demo", help="collect two tasks on a tiny model and print a QK-OV table",
-                       description="Build a tiny LLaMA-style GQA model, collect two tasks into a Zarr store, "
-                                   "read head blocks lazily and print per-(layer, head, block) interference.")
-    d.add_argument("--out", help="output directory (default: a new temporary directory)")
-    d.add_argument("--backend", choices=("zarr", "tensorstore"), default="zarr")
-    d.add_argument("--steps", type=int, default=3, help="collect_fisher calls per task (default 3)")
-    for name, help_, desc in (
-        ("info", "describe a store", "Print tasks, parameters, shapes, steps, bytes on disk and compression ratio."),
-        ("verify", "check every committed chunk of a store",
-         "Read every chunk of every committed generation and check its crc32c checksum; list what an "
-         "interrupted writer left behind (rolled back). Exit 0 clean, 1 problems found, 2 usage."),
-    ):
-        p = sub.add_parser(name, help=help_, description=desc)
-        p.add_argument("path")
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-        p.add_argument("--backend", choices=("zarr", "tensorstore"), default="zarr")
-    u = sub.add_parser("unlock", help="remove a stale writer lock",
-                       description="Remove the writer lock of a process that is gone (pidfile locks; an "
-                                   "flock lock is released by the kernel when its writer dies).")
-    u.add_argument("path")
-    u.add_argument("--force", action="store_true", help="required: confirm the writer is gone")
+    for setup in _COMMANDS:
+        setup(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (:data:`EXIT_CODES`). Errors are one line, never a traceback."""
     args = build_parser().parse_args(argv)
     try:
-        if args.cmd == "demo":
-            run_demo(args.out, backend=args.backend, steps=args.steps)
-        elif args.cmd == "info":
-            info = store_info(args.path, backend=args.backend)
-            if args.json:
-                json.dump(info, sys.stdout, indent=1)
-                print()
-            else:
-                _print_info(info)
-        elif args.cmd == "verify":
-            from .verify import verify_store
-
-            rep = verify_store(args.path, backend=args.backend)
-            if args.json:
-                json.dump(rep.to_dict(), sys.stdout, indent=1)
-                print()
-            else:
-                _print_verify(rep)
-            return 0 if rep.ok else 1
-        elif args.cmd == "unlock":
-            return _unlock(args.path, args.force)
-    except (FisherStoreError, OSError) as e:
-        print(f"fisherstore: error: {e}", file=sys.stderr)
-        return 1
+        return int(args.run(args))
     except BrokenPipeError:
-        return 0
-    return 0
+        return OK
+    except (FisherStoreError, OSError, ImportError) as e:
+        print(f"fisherstore: error: {cli_message(e)}", file=sys.stderr)
+        return exit_code(e)
 
 
 if __name__ == "__main__":

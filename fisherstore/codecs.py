@@ -56,9 +56,9 @@ class CodecSpec:
         """Bound on the relative error of one write (0 when lossless)."""
         return 0.0 if self.lossy_keepbits is None else 2.0 ** -(self.lossy_keepbits + 1)
 
-    # -- the two libraries' spellings of the same chain --------------------------------
+    # -- the chain, spelt once ---------------------------------------------------------
     def json_codecs(self) -> list[dict[str, Any]]:
-        """The chain as Zarr v3 JSON (what TensorStore takes and zarr.json records)."""
+        """The chain as Zarr v3 JSON: what zarr.json records, TensorStore takes, and zarr-python builds from."""
         codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
         if self.compression in ("blosc-lz4", "blosc-zstd"):
             cname = self.compression.split("-")[1]
@@ -81,20 +81,14 @@ class CodecSpec:
         return codecs
 
     def zarr_codecs(self) -> dict[str, Any]:
-        """Keyword arguments for ``zarr.create_array`` giving the same chain."""
-        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+        """Keyword arguments for ``zarr.create_array`` giving the same chain.
 
-        compressors: list[Any] = []
-        if self.compression in ("blosc-lz4", "blosc-zstd"):
-            cname = self.compression.split("-")[1]
-            compressors.append(
-                BloscCodec(cname=cname, clevel=5 if cname == "lz4" else 1, shuffle="bitshuffle", typesize=4)
-            )
-        elif self.compression == "zstd":
-            compressors.append(ZstdCodec(level=1, checksum=False))
-        if self.checksum:
-            compressors.append(Crc32cCodec())
-        return {"serializer": BytesCodec(endian="little"), "compressors": compressors or None, "filters": None}
+        zarr-python builds its codec objects from the JSON form itself, so the chain is
+        spelt once (:meth:`json_codecs`): the serializer first, then the bytes-to-bytes
+        codecs, no filters.
+        """
+        serializer, *compressors = self.json_codecs()
+        return {"serializer": serializer, "compressors": compressors or None, "filters": None}
 
     def pre_encode(self, data: np.ndarray) -> np.ndarray:
         """Apply the lossy rounding (if any) to data about to be written."""

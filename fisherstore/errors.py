@@ -151,7 +151,12 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
 
 
 def human_bytes(n: float) -> str:
-    """``1536`` -> ``'1.5 KiB'``: byte counts in messages and reports."""
+    """``1536`` -> ``'1.5 KiB'``: byte counts in messages and reports.
+
+    Not ``tqdm.format_sizeof(n, "B", 1024)``: it divides by 1024 but labels the result
+    with SI prefixes (``'1.50kB'``, ``'25.0GB'`` for 25 GiB), which misstates sizes in the
+    very messages (disk full, store size) where the unit matters.
+    """
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -24,14 +24,13 @@ Usage::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import HeadIndexError, LayoutError
 
-__all__ = ["BLOCKS", "KINDS", "FUSED_LAYOUTS", "ParamLayout", "chunk_shape"]
+__all__ = ["BLOCKS", "KINDS", "FUSED_LAYOUTS", "ParamLayout", "chunk_shape", "dimension_names", "head_labels"]
 
 BLOCKS = ("Q", "K", "V", "O")
 #: Parameter kinds. q/k/v/o/qkv carry heads; the rest are chunked by rows.
@@ -268,10 +267,17 @@ def chunk_shape(
     itemsize: int = 4,
     target_bytes: int = ROW_CHUNK_BYTES,
 ) -> tuple[int, ...]:
-    """Chunk shape for a parameter: one chunk per head block, else row chunks of ~4 MiB.
+    """Chunk shape for a parameter: one chunk per head block, else row-major tiles of ~4 MiB.
+
+    Without heads, trailing axes stay whole while the tile fits ``target_bytes`` and the
+    first axis that does not fit is split; the axes before it get 1. A 2-D matrix so gets
+    row chunks, and a 3-D MoE expert tensor ``[experts, rows, cols]`` gets a few MiB of one
+    expert's rows (not one whole expert per chunk: 448 MiB for Mixtral-8x7B).
 
     >>> chunk_shape((4096, 4096), ParamLayout.attention("o", 32, 128))
     (4096, 128)
+    >>> chunk_shape((8, 28672, 4096), ParamLayout("mlp"))
+    (1, 256, 4096)
     """
     shape = tuple(int(s) for s in shape)
     if not shape:
@@ -281,6 +287,60 @@ def chunk_shape(
         chunks = list(shape)
         chunks[layout.head_axis] = layout.head_dim
         return tuple(max(1, c) for c in chunks)
-    row_bytes = itemsize * math.prod(shape[1:])
-    rows = max(1, target_bytes // max(1, row_bytes))
-    return (max(1, min(rows, shape[0])),) + tuple(max(1, s) for s in shape[1:])
+    chunks = [1] * len(shape)
+    inner = itemsize  # bytes of one step along the axis being sized
+    for ax in reversed(range(len(shape))):
+        n = max(1, shape[ax])
+        if inner * n <= target_bytes:
+            chunks[ax] = n
+            inner *= n
+            continue
+        chunks[ax] = max(1, target_bytes // inner)
+        break
+    return tuple(chunks)
+
+
+#: Axis names of a weight stored ``[out, in]`` (Linear) or ``[in, out]`` (Conv1D, ``transposed``).
+_AXES = {False: ("out", "in"), True: ("in", "out")}
+
+
+def dimension_names(ndim: int, layout: ParamLayout | None = None, leading: Sequence[str] = ()) -> tuple[str, ...]:
+    """The Zarr ``dimension_names`` of a parameter's array: what xarray calls its dims (docs/format.md).
+
+    The head axis of an attention parameter is named ``"<axis>_heads"`` (``out_heads`` for
+    Q/K/V rows, ``in_heads`` for O columns of a Linear), the other axis ``"in"`` or
+    ``"out"``; a tensor without heads gets ``"dim_0"``, ``"dim_1"``, ... ``leading`` names
+    axes in front of the parameter's own (a per-sample array: ``("sample",)``).
+
+    >>> dimension_names(2, ParamLayout.attention("q", 32, 128))
+    ('out_heads', 'in')
+    >>> dimension_names(2, ParamLayout.attention("o", 32, 128))
+    ('out', 'in_heads')
+    """
+    lead = tuple(leading)
+    if layout is None or not layout.has_heads or ndim not in (1, 2) or layout.head_axis >= ndim:
+        return lead + tuple(f"dim_{i}" for i in range(ndim))
+    if ndim == 1:
+        return lead + ("out_heads",)
+    names = list(_AXES[layout.transposed])
+    names[layout.head_axis] += "_heads"
+    return lead + tuple(names)
+
+
+def head_labels(layout: ParamLayout, length: int) -> tuple[list[int], list[str]]:
+    """Per index of the head axis: the head it belongs to and its block (Q/K/V/O).
+
+    The head is the index within its block: a query head for Q and O, a key/value head
+    for K and V (``kh``). Used for xarray coordinates and summaries.
+    Usage: ``heads, blocks = head_labels(layout, shape[layout.head_axis])``.
+    """
+    heads = [0] * length
+    blocks = [""] * length
+    for b in layout.blocks:
+        step = layout.group_size if b in "KV" else 1
+        for h in range(0, layout.num_heads, step):
+            start, stop = layout.head_range(h, b)
+            own = h // step
+            for i in range(start, min(stop, length)):
+                heads[i], blocks[i] = own, b
+    return heads, blocks

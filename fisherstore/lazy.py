@@ -10,6 +10,12 @@ Usage::
     F = store.fisher("taskA", "model.layers.0.self_attn.q_proj.weight")
     F.head(5, "Q")            # rows 5*d:(5+1)*d, one chunk read
     F[640:768][:, :128]       # the same rows, then columns in memory
+
+Other libraries take it as an array (docs/views.md). Lazily, chunk by chunk:
+``da.from_array(F)`` (Dask reads through :meth:`LazyFisher.copy`, a numpy-flavoured lazy
+view). By loading the whole tensor (as ``F.load()`` does): ``np.asarray(F)`` and numpy
+functions (``__array__``, ``__array_function__``), ``torch.as_tensor(F)`` (``__dlpack__``),
+``torch.sum(F)`` and tensor methods (``__torch_function__``) and arithmetic (``F * 2``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 from .errors import HeadIndexError, InvalidArgumentError, SliceError
 from .layout import ParamLayout
 
-__all__ = ["LazyFisher", "FisherSource"]
+__all__ = ["LazyFisher", "LazyArray", "FisherSource"]
 
 
 class _ParamInfo(Protocol):
@@ -201,11 +207,50 @@ class LazyFisher:
         return self[...]
 
     def numpy(self) -> np.ndarray:
-        return self.load().numpy()
+        """The whole tensor as a numpy array (read into RAM)."""
+        t = self.load().cpu()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16
 
+    # -- other libraries: numpy, Dask, torch ------------------------------------------------
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        a = self.load().numpy()
-        return a.astype(dtype) if dtype is not None else a
+        """``np.asarray(F)``: loads the whole tensor (always a fresh array: nothing to share)."""
+        a = self.numpy()
+        return a.astype(dtype, copy=False) if dtype is not None else a
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        """Numpy functions (``np.mean(F, axis=0)``) load every LazyFisher argument, then run on numpy."""
+        return func(*_loaded(args, np.asarray), **_loaded(kwargs, np.asarray))
+
+    def copy(self) -> LazyArray:
+        """A numpy-flavoured lazy view of the same values: slicing it returns ``np.ndarray``.
+
+        ``dask.array.from_array(F)`` works through this: Dask copies an array-like before it
+        wraps it, and reads the copy chunk by chunk. Nothing is read here.
+        """
+        return LazyArray(self)
+
+    def __dask_tokenize__(self) -> Hashable:
+        return ("LazyFisher", self.cache_key, str(self._dtype), str(self._device))
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        """``torch.sum(F)``, ``t + F``, ``torch.Tensor.mean(F)``: load F, then run the function.
+
+        ``torch.zeros_like(F)`` and the other ``*_like`` factories need only the shape, so
+        they read nothing.
+        """
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _LIKE and args and isinstance(args[0], LazyFisher):
+            f = args[0]
+            args = (torch.empty((), dtype=f.dtype, device=f.device).expand(tuple(f.shape)), *args[1:])
+        return func(*_loaded(args, _load), **_loaded(kwargs, _load))
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
+        """``torch.as_tensor(F)`` / ``torch.tensor(F)``: hands over a loaded tensor."""
+        return self.load().__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self) -> tuple[Any, int]:
+        return torch.empty(0, device=self._device).__dlpack_device__()
 
     def _finish(self, out: torch.Tensor) -> torch.Tensor:
         if self._dtype != torch.float32 or self._device.type != "cpu":
@@ -278,3 +323,92 @@ def _normalize(key: Any, shape: tuple[int, ...], name: str):
             )
     empty = tuple(out_shape) if 0 in out_shape else None
     return tuple(region), flips, squeeze, empty
+
+
+#: ``*_like`` factories: they take a tensor only for its shape, dtype and device.
+_LIKE = frozenset({"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like"})
+
+
+def _load(x: LazyFisher) -> torch.Tensor:
+    return x.load()
+
+
+def _loaded(obj: Any, convert: Any) -> Any:
+    """``obj`` with every LazyFisher in it (also inside lists, tuples and dicts) converted."""
+    if isinstance(obj, LazyFisher):
+        return convert(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_loaded(o, convert) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _loaded(v, convert) for k, v in obj.items()}
+    return obj
+
+
+def _operator(name: str) -> Any:
+    def op(self: LazyFisher, *other: Any) -> Any:
+        return getattr(self.load(), name)(*_loaded(other, _load))
+
+    op.__name__ = name
+    op.__doc__ = f"``{name}`` of the loaded tensor (reads the whole tensor)."
+    return op
+
+
+# Arithmetic loads the tensor and does what torch does (``F * 2`` is a tensor). Comparisons
+# are left out on purpose: ``==`` must stay identity, so a LazyFisher stays hashable.
+for _name in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "floordiv", "rfloordiv", "pow",
+              "rpow", "matmul", "rmatmul", "neg", "pos", "abs"):
+    setattr(LazyFisher, f"__{_name}__", _operator(f"__{_name}__"))
+del _name
+
+_NUMPY_DTYPES = {torch.float32: np.dtype("float32"), torch.float64: np.dtype("float64"),
+                 torch.float16: np.dtype("float16"), torch.bfloat16: np.dtype("float32")}
+
+
+class LazyArray:
+    """A numpy-flavoured lazy view of a :class:`LazyFisher`: slicing returns ``np.ndarray``.
+
+    What Dask and numpy-minded code read through (``da.from_array(F.copy(), chunks=...)``);
+    it reads exactly the chunks a slice touches. ``dtype`` is a numpy dtype (bfloat16
+    views read as float32).
+    """
+
+    __slots__ = ("fisher",)
+
+    def __init__(self, fisher: LazyFisher) -> None:
+        self.fisher = fisher
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.fisher.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.fisher.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return _NUMPY_DTYPES.get(self.fisher.dtype, np.dtype("float32"))
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return self.fisher.chunks
+
+    @property
+    def size(self) -> int:
+        return self.fisher.numel()
+
+    def __len__(self) -> int:
+        return len(self.fisher)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        t = self.fisher[key].cpu()
+        return np.asarray(t.float() if t.dtype == torch.bfloat16 else t)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.fisher, dtype=dtype)
+
+    def __dask_tokenize__(self) -> Hashable:
+        return ("LazyArray", self.fisher.__dask_tokenize__())
+
+    def __repr__(self) -> str:
+        return f"LazyArray({self.fisher!r})"

@@ -42,6 +42,7 @@ Usage::
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -70,8 +71,40 @@ def _first(obj: Any, *names: str) -> Any:
     return None
 
 
+def _hf_class(module: str, name: str) -> type | None:
+    """The transformers class ``transformers.<module>.<name>``, if that module is loaded.
+
+    A model built from a transformers class has loaded its module, so an ``isinstance``
+    check needs no import of transformers (which is optional and slow to import).
+    """
+    mod = sys.modules.get(f"transformers.{module}")
+    cls = getattr(mod, name, None) if mod is not None else None
+    return cls if isinstance(cls, type) else None
+
+
 def _is_conv1d(mod: nn.Module) -> bool:
-    return type(mod).__name__ == "Conv1D"
+    """GPT-2's Conv1D: a Linear stored ``[in, out]`` (``weight`` is ``[nx, nf]``).
+
+    transformers' own class by ``isinstance``; a copy of it (remote code, vendored GPT-2s)
+    by what makes it a Conv1D, its ``nx``/``nf`` and a weight of that shape, never by name.
+    """
+    cls = _hf_class("pytorch_utils", "Conv1D")
+    if cls is not None and isinstance(mod, cls):
+        return True
+    w = getattr(mod, "weight", None)
+    nx, nf = getattr(mod, "nx", None), getattr(mod, "nf", None)
+    return isinstance(nx, int) and isinstance(nf, int) and isinstance(w, nn.Parameter) and tuple(w.shape) == (nx, nf)
+
+
+#: Attention classes whose fused ``query_key_value`` is interleaved per head ``[H, 3, d]``.
+_INTERLEAVED = (("models.gpt_neox.modeling_gpt_neox", "GPTNeoXAttention"),
+                ("models.gpt_neox_japanese.modeling_gpt_neox_japanese", "GPTNeoXJapaneseAttention"))
+
+
+def _is_interleaved_qkv(attn: nn.Module) -> bool:
+    """GPT-NeoX-style attention: the ``query_key_value`` split cannot be told from shapes, so by class."""
+    classes = tuple(c for c in (_hf_class(m, n) for m, n in _INTERLEAVED) if c is not None)
+    return bool(classes) and isinstance(attn, classes)
 
 
 def _proj(mod: nn.Module) -> bool:
@@ -114,7 +147,6 @@ def _attention_layouts(name: str, attn: nn.Module, cfg: Any) -> dict[str, ParamL
             lay.validate_shape(tuple(p.shape), full)
             out[full] = lay
 
-    cls = type(attn).__name__
     if {"q", "k", "v", "o"} <= kids.keys() and hasattr(attn, "key_value_proj_dim") and hasattr(attn, "n_heads"):
         # T5Attention: its own n_heads and key_value_proj_dim (config d_kv) are the geometry;
         # inner_dim = n_heads·d_kv need not equal d_model, so hidden // H would be wrong.
@@ -142,7 +174,7 @@ def _attention_layouts(name: str, attn: nn.Module, cfg: Any) -> dict[str, ParamL
         add("c_attn", "qkv", fused="conv1d")
         add("c_proj", "o", transposed=True)
         return out
-    if {"query_key_value", "dense"} <= kids.keys() and cls.startswith("GPTNeoX"):
+    if {"query_key_value", "dense"} <= kids.keys() and _is_interleaved_qkv(attn):
         H, H_kv, d = _heads(attn, cfg, name)
         add("query_key_value", "qkv", fused="interleaved")
         add("dense", "o")
@@ -189,6 +221,8 @@ def layouts_from_model(model: nn.Module, overrides: Mapping[str, ParamLayout] | 
             layouts.update(got)
             mapped.append(name)
             continue
+        # By name on purpose: transformers' attention modules share no base class, and this
+        # check is the net that turns an attention module nobody mapped into an error.
         if "Attention" in type(mod).__name__ and any(_proj(c) for c in mod.children()):
             missing = _uncovered(name, mod, named, given)
             if not missing:
@@ -240,7 +274,7 @@ def _check_overrides(overrides: Mapping[str, ParamLayout], named: Mapping[str, A
 
 
 def _plain_kind(name: str, mod: nn.Module) -> str:
-    cls = type(mod).__name__
+    cls = type(mod).__name__  # norms (LlamaRMSNorm, T5LayerNorm, ...) share no base class: by name
     if isinstance(mod, nn.Embedding):
         return "embedding"
     if "Norm" in cls or isinstance(mod, nn.LayerNorm):

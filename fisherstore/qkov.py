@@ -24,20 +24,23 @@ from __future__ import annotations
 
 import math
 import re
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import cachetools
 import numpy as np
 import torch
 
+from . import phase6
 from .errors import HeadIndexError, LayoutError, UnknownParamError, close_matches
 from .layout import BLOCKS, ParamLayout
 from .lazy import LazyFisher
 from .models import layer_keys, layouts_from_model
+from .phase6 import top_conflicts
+from .progress import progress_bar
 
-__all__ = ["BlockHeadSlice", "QKOVIndexer", "QKOVInterference"]
+__all__ = ["BlockHeadSlice", "QKOVIndexer", "QKOVInterference", "heatmap_png"]
 
 Tensorish = torch.Tensor | LazyFisher
 _KEY_RE = re.compile(r"(.*)\.(\d+)(\.cross)?")  # a string layer key of layer_keys()
@@ -145,29 +148,31 @@ class QKOVIndexer:
 
 
 class _BlockCache:
-    """LRU cache of decoded Fisher blocks, bounded in bytes."""
+    """LRU cache of decoded Fisher blocks, bounded in bytes (a ``cachetools.LRUCache`` sized by ``nbytes``)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.bytes = 0
         self.hits = self.misses = 0
-        self._d: OrderedDict[Any, torch.Tensor] = OrderedDict()
+        self._d: cachetools.LRUCache = cachetools.LRUCache(max_bytes, getsizeof=_nbytes)
+
+    @property
+    def bytes(self) -> int:
+        return int(self._d.currsize)
 
     def get(self, key: Any, load: Any) -> torch.Tensor:
-        if key in self._d:
+        v = self._d.get(key)
+        if v is not None:
             self.hits += 1
-            self._d.move_to_end(key)
-            return self._d[key]
+            return v
         self.misses += 1
         v = load()
-        nb = v.numel() * v.element_size()
-        if nb <= self.max_bytes:
+        if _nbytes(v) <= self.max_bytes:  # a block larger than the whole cache is used once, not kept
             self._d[key] = v
-            self.bytes += nb
-            while self.bytes > self.max_bytes:
-                _, old = self._d.popitem(last=False)
-                self.bytes -= old.numel() * old.element_size()
         return v
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class QKOVInterference:
@@ -193,6 +198,12 @@ class QKOVInterference:
             key = (fisher.cache_key, sl.rows.start, sl.rows.stop, sl.cols.start, sl.cols.stop)
             return self.cache.get(key, lambda: sl.apply(fisher).float())
         return sl.apply(fisher.detach().to(dtype=torch.float32, device="cpu"))
+
+    def denominator(self, block: torch.Tensor, eps: float | None = None, ridge: float | None = None,
+                    ridge_rel: float | None = None) -> tuple[torch.Tensor, float]:
+        """``max(Î, ε) + λ`` for one Fisher block, and the λ applied (the scorer's ε, ridge, ridge_rel by default)."""
+        return self._denominator(block, self.eps if eps is None else eps, self.ridge if ridge is None else ridge,
+                                 self.ridge_rel if ridge_rel is None else ridge_rel)
 
     def _denominator(self, block: torch.Tensor, eps: float, ridge: float, ridge_rel: float) -> tuple[torch.Tensor, float]:
         lam = ridge
@@ -237,16 +248,52 @@ class QKOVInterference:
 
     def heatmap(self, contribs: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
                 fisher: Mapping[str, Tensorish], layers: Iterable[int | str] | None = None,
-                heads: Iterable[int] | None = None, blocks: Iterable[str] = BLOCKS) -> dict[str, Any]:
+                heads: Iterable[int] | None = None, blocks: Iterable[str] = BLOCKS,
+                progress: bool | None = None) -> dict[str, Any]:
         """Mean interference over all (i, j) pairs, per block: ``{"Q": array [layers, heads], ...}``.
 
         ``contribs``/``grads`` map parameter names to per-sample tensors [n, *shape];
         ``fisher`` maps them to the Fisher (e.g. ``collector.full_fisher(task)``). Also
         returns ``"layers"``, ``"heads"`` and ``"scores"`` ({block: [n_a, n_b, L, H]}).
+        ``progress``: a bar of scored head blocks (None: on a terminal only).
         """
         layers = list(self.indexer.layers if layers is None else layers)
         heads = list(range(self.indexer.num_heads) if heads is None else heads)
+        blocks = list(blocks)
         out: dict[str, Any] = {"layers": layers, "heads": heads, "scores": {}}
+        with progress_bar(len(blocks) * len(layers) * len(heads), progress, "QK-OV scores", unit="block") as bar:
+            self._score(out, contribs, grads, fisher, layers, heads, blocks, bar)
+        first = next(iter(out["scores"].values()))
+        ids = (list(range(first.shape[0])), list(range(first.shape[1])))
+        out["sample_ids"] = ids
+        out["top_conflicts"] = {b: top_conflicts(sc, layers, heads, *ids) for b, sc in out["scores"].items()}
+        return out
+
+    def heatmap_from_store(self, store: Any, task_a: str, task_b: str, fisher: str = "ema",
+                           fisher_task: str | None = None, layers: Iterable[int | str] | None = None,
+                           heads: Iterable[int] | None = None, blocks: Iterable[str] = "QKVO",
+                           memory_budget: int | None = None, device: Any = None,
+                           progress: bool | None = None) -> dict[str, Any]:
+        """The heat map straight from a store's per-sample gradients, out of core (Phase 6 at 7B).
+
+        For each (layer, head, block): task A's ``C_i = g_i²/T_i`` ``[n_a, block]``, task B's
+        ``|g_j|/T_j`` ``[n_b, block]`` and the Fisher block (``fisher="ema"``: the EMA of
+        ``fisher_task``, default task A; ``"contribution"``: ``mean_i C_i``), then one matmul
+        ``(C/(Î+λ)) @ |g|ᵀ`` on ``device`` (default CPU). Reads run ahead on threads, within
+        ``memory_budget`` (default: the store's); a subset of layers, heads or blocks reads
+        only their chunks. Returns what :meth:`heatmap` does: ``scores`` [n_a, n_b, L, H]
+        per block, the [L, H] means, ``top_conflicts`` with the stores' sample ids.
+
+        Usage: ``qk.heatmap_from_store(store, "math", "code", fisher="contribution", device="cuda")``.
+        """
+        return phase6.heatmap_from_store(self, store, task_a, task_b, fisher=fisher, fisher_task=fisher_task,
+                                  layers=None if layers is None else list(layers),
+                                  heads=None if heads is None else list(heads), blocks=list(blocks),
+                                  memory_budget=memory_budget, device=device, progress=progress)
+
+    def _score(self, out: dict[str, Any], contribs: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
+               fisher: Mapping[str, Tensorish], layers: list[int | str], heads: list[int], blocks: list[str],
+               bar: Any) -> None:
         for b in blocks:
             b = b.upper()
             first = self.indexer.param_name(layers[0], b)
@@ -259,9 +306,9 @@ class QKOVInterference:
                         raise UnknownParamError(f"{key} has no entry for {name!r}." + close_matches(name, src))
                 for hi, h in enumerate(heads):
                     scores[:, :, li, hi] = self.block_head_scores(contribs[name], grads[name], fisher[name], layer, h, b)
+                    bar.update(1)
             out["scores"][b] = scores
             out[b] = scores.mean(dim=(0, 1)).numpy()
-        return out
 
     @staticmethod
     def _diag(Fb: torch.Tensor, lam: float, eps: float, C: torch.Tensor, G: torch.Tensor) -> dict[str, float]:
@@ -278,7 +325,12 @@ class QKOVInterference:
 
 
 def heatmap_png(heat: Mapping[str, Any], path: str, title: str = "QK-OV interference") -> str:
-    """Draw a heat map per block ([layers, heads]) into one PNG (needs matplotlib)."""
+    """Draw a QK-OV heat map, one [layers x heads] panel per block, into one PNG; returns ``path``.
+
+    ``heat`` is what :meth:`QKOVInterference.heatmap` returns (``{"Q": [L, H], ...,
+    "layers": [...]}``); needs matplotlib (``pip install 'fisherstore[plot]'``).
+    Usage: ``fisherstore.heatmap_png(qk.heatmap(C, g, F), "qkov.png")``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

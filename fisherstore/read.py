@@ -31,6 +31,7 @@ from .backends import ArrayBackend
 from .catalog import Catalog, ParamState
 from .ema import readout_scale
 from .errors import CorruptChunkError, CorruptStoreError, FisherStoreError, HeadIndexError
+from .progress import progress_bar
 from .regions import Region, chunk_coords, chunk_region, region_shape
 
 __all__ = ["ReadPath", "read_generation"]
@@ -170,12 +171,13 @@ class ReadPath:
         return out
 
     def iter_heads(self, task: str, names: Sequence[str] | None, block: str | None, workers: int,
-                   bias_corrected: bool) -> Iterator[tuple[str, int, str, torch.Tensor]]:
+                   bias_corrected: bool, progress: bool | None = None) -> Iterator[tuple[str, int, str, torch.Tensor]]:
         """Yield ``(param, head, block, tensor)`` for every distinct head block, reading ahead.
 
         K and V blocks come once per key/value head (``head`` is the first query head of
         its group). Up to ``2 * workers`` block reads are in flight across parameter
-        boundaries, so the disk never waits on the caller.
+        boundaries, so the disk never waits on the caller. ``progress``: a bar of blocks
+        read (None: on a terminal only, and only for sweeps longer than a second).
         """
         with self.lock:
             t = self.catalog.task(task)
@@ -196,7 +198,8 @@ class ReadPath:
             region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(idx, shape))
             return self.region(task, name, region, bias_corrected)
 
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fisherstore-read") as ex:
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fisherstore-read") as ex, \
+                progress_bar(len(todo), progress, f"head blocks of {task}", unit="block") as bar:
             pending: deque = deque()
             it = iter(todo)
             for name, h, b, idx in itertools.islice(it, 2 * workers):
@@ -206,7 +209,9 @@ class ReadPath:
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append((*nxt[:3], ex.submit(read, nxt[0], nxt[3])))
-                yield name, h, b, fut.result()
+                blk = fut.result()
+                bar.update(1)
+                yield name, h, b, blk
 
 
 def _revision(t: Any, p: ParamState) -> tuple:

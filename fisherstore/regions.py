@@ -156,9 +156,20 @@ def iter_slabs(
     if 0 in shape:
         return
     ax = split_axis(shape, chunks)
-    per = max(1, target_bytes // max(1, itemsize * math.prod(chunks))) * chunks[ax]
-    for start in range(0, shape[ax], per):
-        yield axis_region(shape, ax, start, min(start + per, shape[ax]))
+    row = itemsize * math.prod(shape) // shape[ax] * chunks[ax]  # one chunk row along ax, whole elsewhere
+    inner = next((a for a in range(ax + 1, len(shape)) if chunks[a] < shape[a]), None)
+    if inner is None or row <= target_bytes:
+        per = max(1, target_bytes // max(1, row)) * chunks[ax]
+        for start in range(0, shape[ax], per):
+            yield axis_region(shape, ax, start, min(start + per, shape[ax]))
+        return
+    # One chunk row is already too big (a 3-D MoE tensor chunked (1, rows, cols)): take
+    # each chunk row along ax on its own and cut it along the next split axis.
+    for start in range(0, shape[ax], chunks[ax]):
+        stop = min(start + chunks[ax], shape[ax])
+        sub = shape[:ax] + (stop - start,) + shape[ax + 1:]
+        for r in iter_slabs(sub, chunks[:ax] + (stop - start,) + tuple(chunks[ax + 1:]), target_bytes, itemsize):
+            yield r[:ax] + (slice(r[ax].start + start, r[ax].stop + start),) + r[ax + 1:]
 
 
 def aligned_region(region: object, shape: Sequence[int], chunks: Sequence[int], name: str) -> Region:

@@ -190,3 +190,54 @@ def test_layout_validation_and_roundtrip():
     assert "H_kv=2" in repr(A("k", 8, 4, num_kv_heads=2))
     for h, b in itertools.product(range(8), "Q"):
         assert A("q", 8, 4).head_range(h, b) == (4 * h, 4 * h + 4)
+
+
+def test_moe_expert_tensors_get_chunks_of_a_few_mib():
+    # Mixtral-8x7B experts, transformers 5.x layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]
+    for shape in ((8, 28672, 4096), (8, 4096, 14336)):
+        ch = chunk_shape(shape, ParamLayout("mlp"))
+        nbytes = 4 * ch[0] * ch[1] * ch[2]
+        assert ch[0] == 1 and ch[2] == shape[2] and 2 << 20 <= nbytes <= 4 << 20, (shape, ch)
+    # a whole expert that fits keeps several experts per chunk; 2-D matrices keep their row chunks
+    assert chunk_shape((64, 32, 16), ParamLayout("mlp")) == (64, 32, 16)
+    assert chunk_shape((11008, 4096), ParamLayout("mlp")) == (256, 4096)
+    assert chunk_shape((2, 2_000_000), None) == (1, 1 << 20)  # a row over 4 MiB is split too
+
+
+@pytest.mark.parametrize("shape,chunks,target", [((8, 28672, 4096), (1, 256, 4096), 64 << 20),
+                                                 ((4, 10, 6), (1, 3, 6), 4 * 3 * 6 * 2),
+                                                 ((6, 9), (2, 3), 4 * 2 * 9)])
+def test_slabs_stay_near_target_when_several_axes_are_split(shape, chunks, target):
+    # A slab of whole chunk rows along the first split axis would be one or more whole
+    # experts (448 MiB each for Mixtral); slabs must stay near the target and cover once.
+    total = 0
+    slabs = list(iter_slabs(shape, chunks, target_bytes=target))
+    for region in slabs:
+        n = 4 * torch.Size([s.stop - s.start for s in region]).numel()
+        assert n <= max(target, 4 * torch.Size(chunks).numel()), region
+        for s, c, dim in zip(region, chunks, shape):
+            assert s.start % c == 0 and (s.stop % c == 0 or s.stop == dim)
+        total += n
+    assert total == 4 * torch.Size(shape).numel()
+    if len(shape) == 2 or shape[0] < 8:
+        cover = torch.zeros(shape, dtype=torch.int64)
+        for region in slabs:
+            cover[region] += 1
+        assert bool((cover == 1).all())
+
+
+def test_dimension_names_name_the_head_axis():
+    from fisherstore.layout import dimension_names, head_labels
+
+    assert dimension_names(2, A("q", 32, 128)) == ("out_heads", "in")
+    assert dimension_names(2, A("o", 32, 128)) == ("out", "in_heads")
+    assert dimension_names(2, A("qkv", 12, 64, fused="conv1d")) == ("in", "out_heads")  # GPT-2 c_attn [in, out]
+    assert dimension_names(2, A("o", 12, 64, transposed=True)) == ("in_heads", "out")  # GPT-2 c_proj rows
+    assert dimension_names(1, A("q", 4, 2, ndim=1)) == ("out_heads",)
+    assert dimension_names(3, ParamLayout("mlp")) == ("dim_0", "dim_1", "dim_2")
+    assert dimension_names(2, None, leading=("sample",)) == ("sample", "dim_0", "dim_1")
+    heads, blocks = head_labels(A("qkv", 4, 2, num_kv_heads=2, fused="block"), 16)
+    assert blocks == ["Q"] * 8 + ["K"] * 4 + ["V"] * 4
+    assert heads == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1, 0, 0, 1, 1]  # K/V: the key/value head
+    heads, blocks = head_labels(A("qkv", 2, 2, fused="interleaved"), 12)
+    assert blocks == list("QQKKVVQQKKVV") and heads == [0] * 6 + [1] * 6

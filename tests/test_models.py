@@ -212,3 +212,73 @@ def test_overrides_rescue_a_recognised_module_whose_geometry_does_not_fit():
     lay = layouts_from_model(llama, overrides=fix)
     assert lay[f"{pre}.k_proj.weight"].head_range(3, "K") == (8, 16)
     assert lay["model.layers.1.self_attn.q_proj.weight"].head_dim == 8  # other layers: automatic as before
+
+
+def _tiny_mixtral(seed=0):
+    """A real Mixtral (transformers' own classes, random weights) whose experts are 8 MiB each."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    cfg = T.MixtralConfig(vocab_size=64, hidden_size=256, intermediate_size=4096, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=2)
+    cfg._attn_implementation = "eager"
+    cfg.use_cache = False
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_moe_experts_are_chunked_like_large_matrices_and_store_grad_squared(tmp_path):
+    import fisherstore
+    from fisherstore.losses import causal_lm
+
+    model = _tiny_mixtral()
+    experts = {n: p for n, p in model.named_parameters() if p.ndim == 3}
+    assert set(experts) == {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"}
+    assert tuple(experts["model.layers.0.mlp.experts.gate_up_proj"].shape) == (2, 8192, 256)  # [E, 2I, H]
+    batch = token_batch(n=4, seq=8, seed=3)
+    with fisherstore.FisherCollector(backend="zarr", path=tmp_path / "s", mode="w", params="all") as fc:
+        fc.collect_fisher(model, batch, task="t")
+        for name, p in experts.items():
+            info = fc.store.param("t", name)
+            nbytes = 4 * torch.Size(info.chunks).numel()
+            # one expert's rows per chunk, a few MiB: not a whole 8 MiB expert (448 MiB at Mixtral-8x7B)
+            assert info.chunks[0] == 1 and info.chunks[2] == p.shape[2] and nbytes <= 4 << 20, (name, info.chunks)
+        fc.flush()
+    loss, n_tokens = causal_lm(model, batch)
+    grads = _grads(model, loss)
+    with fisherstore.open(tmp_path / "s", mode="r") as s:
+        for name in experts:
+            want = grads[name] ** 2 / n_tokens  # one step, one micro-batch: the bias-corrected EMA is x itself
+            got = s.fisher("t", name)
+            assert torch.allclose(got.load(), want, rtol=1e-4, atol=1e-6 * float(want.max()))
+            e1 = got[1, :128]  # expert 1's first rows: one chunk
+            assert torch.allclose(e1, want[1, :128], rtol=1e-4, atol=1e-6 * float(want.max()))
+
+
+def test_conv1d_and_gpt_neox_are_recognised_by_class_not_name():
+    from fisherstore.models import _is_conv1d, _is_interleaved_qkv
+
+    gpt2, pythia = tiny_model("gpt2"), tiny_model("pythia")
+    assert _is_conv1d(gpt2.transformer.h[0].attn.c_attn) and not _is_conv1d(nn.Linear(4, 3))
+    assert _is_interleaved_qkv(pythia.gpt_neox.layers[0].attention)
+    assert not _is_interleaved_qkv(gpt2.transformer.h[0].attn)
+
+    class Conv1D(nn.Module):  # the name alone, a Linear's [out, in] weight: not a Conv1D
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(3, 4))
+
+    class VendoredConv(nn.Module):  # a GPT-2 Conv1D copy under another name: [nx, nf] = [in, out]
+        def __init__(self, nx=4, nf=3):
+            super().__init__()
+            self.nx, self.nf = nx, nf
+            self.weight = nn.Parameter(torch.zeros(nx, nf))
+
+    assert not _is_conv1d(Conv1D()) and _is_conv1d(VendoredConv())
+
+    class GPTNeoXLikeAttention(nn.Module):  # a GPT-NeoX-named module: its layout is not known, so it is refused
+        def __init__(self):
+            super().__init__()
+            self.query_key_value, self.dense = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    with pytest.raises(LayoutError, match="GPTNeoXLikeAttention"):
+        layouts_from_model(nn.ModuleDict({"attn": GPTNeoXLikeAttention()}))

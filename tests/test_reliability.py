@@ -331,7 +331,7 @@ def test_verify_exit_codes_and_missing_chunk(tmp_path, capsys):
     os.unlink(os.path.join(path, "t", "w", "g00000001", "c", "1", "0"))
     assert cli_main(["verify", path]) == 1
     assert "missing_chunk" in capsys.readouterr().out
-    assert cli_main(["verify", str(tmp_path / "nothing")]) == 1
+    assert cli_main(["verify", str(tmp_path / "nothing")]) == 3  # docs/cli.md: no store at PATH
     with pytest.raises(SystemExit) as e:
         cli_main(["verify"])
     assert e.value.code == 2

@@ -1,0 +1,108 @@
+"""Heat maps of Fisher mass: per block, [layer x head], for one task or two side by side.
+
+Drawn from :func:`fisherstore.summary.summary` tables (needs matplotlib: the ``plot``
+extra). One task: a panel per block (Q, K, V, O) of the mass of each head block, on a log
+colour scale (Fisher mass spans decades). Two tasks: each task's *share* of its own total
+mass (so tasks collected with different losses or token counts compare), on one colour
+scale per block, and a third row with ``log2(share B / share A)``: red where task B puts
+relatively more Fisher mass on a head, blue where task A does.
+
+Usage::
+
+    plot_mass(store.summary("math"), "fig.png")
+    plot_mass(store.summary("math"), "cmp.png", compare=store.summary("code"))
+
+The CLI: ``fisherstore plot PATH --task math [--compare code] --out fig.png``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+from .layout import BLOCKS
+from .views import require
+
+__all__ = ["mass_grid", "plot_mass"]
+
+
+def mass_grid(df: Any, block: str, column: str = "mass") -> tuple[list[Any], np.ndarray]:
+    """``(layers, grid)``: ``grid[i, h]`` is ``column`` of head ``h`` of ``block`` in ``layers[i]`` (NaN: none)."""
+    rows = df[(df["block"] == block) & df["head"].notna()]
+    layers = list(dict.fromkeys(rows["layer"].tolist()))
+    if not layers:
+        return [], np.zeros((0, 0))
+    grid = np.full((len(layers), int(rows["head"].max()) + 1), np.nan)
+    where = {k: i for i, k in enumerate(layers)}
+    for layer, head, value in zip(rows["layer"], rows["head"], rows[column]):
+        grid[where[layer], int(head)] = np.nansum([grid[where[layer], int(head)], value])
+    return layers, grid
+
+
+def plot_mass(df: Any, path: str, *, compare: Any = None, title: str | None = None) -> str:
+    """Draw the per-block [layer x head] heat map of ``df`` (and of ``compare`` against it) into ``path``."""
+    matplotlib = require("matplotlib", "plotting")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm, TwoSlopeNorm
+
+    a_name = df.attrs.get("task", "A")
+    blocks = [b for b in BLOCKS if mass_grid(df, b)[0]]
+    if not blocks:
+        raise InvalidArgumentError(
+            f"task {a_name!r} has no parameter with a head layout, so there is no [layer x head] map to draw; "
+            "collect attention projections (the default params) to plot one"
+        )
+    if compare is None:
+        fig, axes = plt.subplots(1, len(blocks), figsize=(3.4 * len(blocks), 3.2), dpi=100, squeeze=False)
+        for ax, b in zip(axes[0], blocks):
+            layers, g = mass_grid(df, b)
+            _panel(fig, ax, g, layers, f"{b} mass", "magma", _log_norm(LogNorm, g))
+        fig.suptitle(title or f"Fisher mass per head block: task {a_name!r} (step {df.attrs.get('step', '?')})")
+    else:
+        b_name = compare.attrs.get("task", "B")
+        fig, axes = plt.subplots(3, len(blocks), figsize=(3.4 * len(blocks), 8.6), dpi=100, squeeze=False)
+        for col, b in enumerate(blocks):
+            layers, ga = mass_grid(df, b, "share")
+            layers_b, gb = mass_grid(compare, b, "share")
+            if layers_b != layers or gb.shape != ga.shape:
+                raise InvalidArgumentError(
+                    f"tasks {a_name!r} and {b_name!r} hold different {b} head blocks (layers {layers} vs "
+                    f"{layers_b}); compare tasks collected on the same model and parameters"
+                )
+            norm = _log_norm(LogNorm, np.concatenate([ga.ravel(), gb.ravel()]))
+            _panel(fig, axes[0, col], ga, layers, f"{b}: share of {a_name!r}", "magma", norm)
+            _panel(fig, axes[1, col], gb, layers, f"{b}: share of {b_name!r}", "magma", norm)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.log2(gb / ga)
+            ratio[~np.isfinite(ratio)] = np.nan
+            lim = max(float(np.nanmax(np.abs(ratio))) if np.isfinite(ratio).any() else 0.0, 1e-3)
+            _panel(fig, axes[2, col], ratio, layers, f"{b}: log2({b_name!r}/{a_name!r})", "RdBu_r",
+                   TwoSlopeNorm(0.0, -lim, lim))
+        fig.suptitle(title or f"Fisher mass share per head block: {a_name!r} vs {b_name!r}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _log_norm(LogNorm: Any, values: np.ndarray) -> Any:
+    """A log colour scale over the positive values (zeros and NaN are drawn blank)."""
+    pos = values[np.isfinite(values) & (values > 0)]
+    if not pos.size:
+        return None
+    lo, hi = float(pos.min()), float(pos.max())
+    return LogNorm(lo, hi if hi > lo else lo * 10)
+
+
+def _panel(fig: Any, ax: Any, grid: np.ndarray, layers: list[Any], title: str, cmap: str, norm: Any) -> None:
+    masked = np.ma.masked_invalid(np.where(grid > 0, grid, np.nan) if cmap == "magma" else grid)
+    im = ax.imshow(masked, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_yticks(range(len(layers)), [str(v) for v in layers])
+    fig.colorbar(im, ax=ax, fraction=0.046)
