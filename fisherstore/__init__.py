@@ -23,10 +23,13 @@ from .collector import FisherCollector, StoredDecayWarning
 from .dist import RankGroup
 from .errors import *  # noqa: F403 - every error class, as errors.__all__ lists them
 from .layout import ParamLayout
-from .lazy import LazyFisher
+from .lazy import LazyArray, LazyFisher
 from .models import layouts_from_model
 from .options import StoreOptions
+from .plots import plot_mass
+from .qkov import heatmap_png
 from .store import FisherStore, StepWriter
+from .views import MissingDependencyError
 
 __all__ = [
     "__version__",
@@ -35,6 +38,7 @@ __all__ = [
     "StoreOptions",
     "StepWriter",
     "LazyFisher",
+    "LazyArray",
     "ParamInfo",
     "ParamLayout",
     "CodecSpec",
@@ -43,5 +47,8 @@ __all__ = [
     "losses",
     "layouts_from_model",
     "RankGroup",
+    "heatmap_png",
+    "plot_mass",
+    "MissingDependencyError",
     *_errors.__all__,
 ]

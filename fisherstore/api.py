@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .backends import make_backend
+from .backends import location, make_backend
 from .codecs import CodecSpec
 from .ema import check_state_dtype
 from .errors import InvalidArgumentError, NotAFisherStoreError
@@ -13,7 +13,6 @@ from .options import StoreOptions
 from .store import FisherStore
 
 __all__ = ["open"]
-
 
 def open(  # noqa: A001 - the natural name, as zarr.open and h5py.File
     path: str | os.PathLike[str] | None = None,
@@ -29,7 +28,8 @@ def open(  # noqa: A001 - the natural name, as zarr.open and h5py.File
     """Open (or create) a Fisher store; also a context manager.
 
     Args:
-        path: the store's directory (ignored, and may be None, for ``backend="ram"``).
+        path: the store's directory, or ``s3://bucket/prefix`` (ignored, and may be None,
+            for ``backend="ram"``).
         mode: ``"r"`` read only; ``"r+"`` read/write, must exist; ``"a"`` read/write,
             created if missing; ``"w"`` create, replacing an existing store.
         backend: ``"zarr"`` (zarr-python), ``"tensorstore"`` or ``"ram"`` (in memory).
@@ -39,7 +39,9 @@ def open(  # noqa: A001 - the natural name, as zarr.open and h5py.File
         **options: the store's options (:class:`~fisherstore.options.StoreOptions`:
             ``decay``, ``nonfinite``, ``memory_budget``, ``flush_every``, ``io_workers``,
             ``progress``, ``device_budget``, ``force``, ``group``), and the backend's
-            (e.g. ``store_wrapper=`` for zarr, ``direct_reads=False``).
+            (e.g. ``store_wrapper=`` for zarr, ``direct_reads=False``, and for ``s3://``
+            locations ``storage_options={"endpoint": ..., "region": ...}`` over the
+            ``AWS_*`` environment variables).
 
     A second writer gets :class:`StoreLockedError` naming the holder's pid and host;
     readers (``mode="r"``) never lock.
@@ -56,12 +58,15 @@ def open(  # noqa: A001 - the natural name, as zarr.open and h5py.File
     else:
         if path is None:
             raise InvalidArgumentError(f"backend {backend!r} needs a path; use backend='ram' for an in-memory store")
-        path = os.fspath(path)
-        if mode in ("r", "r+") and not os.path.isdir(path):
-            raise NotAFisherStoreError(
-                f"no fisherstore store at {path!r} (the directory does not exist). Check the path, "
-                "or use mode='a' to create one."
-            )
+        path = location(path)
+        if "://" not in path and mode in ("r", "r+"):
+            if not os.path.exists(path):
+                raise NotAFisherStoreError(
+                    f"no fisherstore store at {path!r} (the directory does not exist). Check the path, or open "
+                    "it with mode='a' to create a store there."
+                )
+            if not os.path.isdir(path):
+                raise NotAFisherStoreError(f"{path!r} is a file, not a fisherstore store (a store is a directory)")
     be = make_backend(backend, path, read_only=(mode == "r"), **backend_kw)
     try:
         return FisherStore(be, opts)

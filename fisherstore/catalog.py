@@ -30,10 +30,11 @@ from .errors import (
     close_matches,
     listing,
 )
-from .format import ParamEntry, TaskManifest, doc_key, encode_name, generation_key
+from .format import doc_key, encode_name, generation_key, sample_key
 from .layout import ParamLayout, chunk_shape
+from .manifest import ParamEntry, SampleSegment, TaskManifest
 
-__all__ = ["ParamInfo", "ParamState", "TaskState", "Catalog", "unknown_param", "load_task"]
+__all__ = ["ParamInfo", "ParamState", "TaskState", "Catalog", "unknown_param", "load_task", "committed_keys"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class ParamState:
     nonfinite_skipped: int = 0
     updates: int = 0
     on_disk: bool = True  # False: created since the last commit, its node not yet written
+    gen_base: int = 0  # where this store's numbering starts (format.number_base): stores never share keys
 
     @classmethod
     def from_entry(cls, name: str, e: ParamEntry) -> ParamState:
@@ -101,8 +103,8 @@ class ParamState:
         return self.gen, self.t_last
 
     def next_gen(self) -> int:
-        """A generation number no existing generation of this parameter has."""
-        return max((g for g in (self.gen, self.work_gen) if g is not None), default=0) + 1
+        """A generation number no existing generation of this parameter has (numbering starts past ``gen_base``)."""
+        return max((g for g in (self.gen, self.work_gen) if g is not None), default=self.gen_base) + 1
 
     @property
     def dirty(self) -> bool:
@@ -130,23 +132,25 @@ class TaskState:
     params: dict[str, ParamState] = field(default_factory=dict)
     listed: bool = True  # False: created since the last commit, not yet in the root document
     changed: bool = False  # parameters or info the last commit does not hold
+    samples: list[SampleSegment] = field(default_factory=list)  # committed per-sample segments
+    new_samples: list[SampleSegment] = field(default_factory=list)  # written, not yet committed
 
     @classmethod
     def from_manifest(cls, m: TaskManifest, key: str) -> TaskState:
         return cls(name=m.name, key=key, step=m.step, tokens_seen=m.tokens_seen, committed_step=m.step,
                    committed_tokens=m.tokens_seen, commit=m.commit, info=dict(m.info),
-                   params={n: ParamState.from_entry(n, e) for n, e in m.params.items()})
+                   params={n: ParamState.from_entry(n, e) for n, e in m.params.items()}, samples=list(m.samples))
 
     def manifest(self) -> TaskManifest:
         """The committed state, as the manifest that records it."""
         return TaskManifest(name=self.name, step=self.committed_step, tokens_seen=self.committed_tokens,
                             commit=self.commit, info=dict(self.info),
-                            params={n: p.entry() for n, p in self.params.items()})
+                            params={n: p.entry() for n, p in self.params.items()}, samples=tuple(self.samples))
 
     @property
     def dirty(self) -> bool:
         """Whether it has steps, state, parameters or info the last commit does not hold."""
-        return (self.changed or not self.listed or self.step != self.committed_step
+        return (self.changed or not self.listed or self.step != self.committed_step or bool(self.new_samples)
                 or any(p.dirty for p in self.params.values()))
 
     def new_param(self, name: str, shape: Sequence[int], layout: ParamLayout | None, decay: float,
@@ -264,3 +268,13 @@ def unknown_param(t: TaskState, name: str) -> UnknownParamError:
 def load_task(read_json: Callable[[str], dict[str, Any] | None], name: str, key: str) -> TaskState:
     """A task's state as its committed manifest (read with ``read_json``) records it."""
     return TaskState.from_manifest(TaskManifest.from_doc(read_json(doc_key(key)), name, key), key)
+
+
+def committed_keys(t: TaskState, name: str | None = None, kind: str = "all") -> list[str]:
+    """The arrays ``t``'s last commit names: live generations (``kind="fisher"``), committed sample
+    segments (``"samples"``), or both; of one parameter, or all."""
+    keys = [] if kind == "samples" else [
+        p.gen_key(p.gen) for n, p in t.params.items() if p.gen is not None and name in (None, n)]
+    if kind != "fisher":
+        keys += [sample_key(t.params[n].key, seg.id) for seg in t.samples for n in seg.params if name in (None, n)]
+    return keys

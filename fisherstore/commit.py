@@ -32,18 +32,21 @@ from .dist import RankGroup
 from .errors import FisherStoreError, StorageError, human_bytes, listing
 from .format import (
     DOC,
+    FORMAT_VERSION,
     PARAM_ATTR,
     TASK_ATTR,
-    ParamEntry,
     StoreDoc,
-    TaskManifest,
     array_attributes,
     doc_key,
     gen_name,
     node_attr,
     param_doc,
     parse_gen,
+    parse_segment,
+    sample_attributes,
+    sample_key,
 )
+from .manifest import ParamEntry, TaskManifest
 from .progress import progress_bar
 from .write import WritePath
 
@@ -91,7 +94,7 @@ def plan_commit(t: TaskState, folded: Mapping[str, int], others: Mapping[str, Pa
             adopted.add(name)
         entries[name] = e
     manifest = TaskManifest(name=t.name, step=t.step, tokens_seen=t.tokens_seen, commit=t.commit + 1,
-                            info=dict(t.info), params=entries)
+                            info=dict(t.info), params=entries, samples=(*t.samples, *t.new_samples))
     return TaskCommit(manifest, frozenset(adopted), frozenset(folded), tuple(new_keys), tuple(superseded))
 
 
@@ -107,6 +110,7 @@ def apply_commit(t: TaskState, plan: TaskCommit) -> None:
     for name in plan.spent:
         t.params[name].a_last = None  # the accumulator is spent; the next step overwrites it
     t.committed_step, t.committed_tokens, t.commit = m.step, m.tokens_seen, m.commit
+    t.samples, t.new_samples = list(m.samples), []
     t.changed = False
 
 
@@ -141,9 +145,30 @@ class Committer:
             for t in dirty:
                 self.write.discard(t, folded.get(t.name, {}))
             raise storage_error(err, "flush", self.backend, needed, dirty) from err
+        if any(t.new_samples for t in dirty) and doc.format_version < FORMAT_VERSION:
+            self._upgrade(catalog, doc)
         for t in dirty:
             self._commit(t, folded[t.name])
         self._list_new_tasks(catalog, doc)
+
+    def _upgrade(self, catalog: Catalog, doc: StoreDoc) -> None:
+        """Raise the store's format version before the first manifest with per-sample segments lands.
+
+        A store without them stays at version 1, which older fisherstores open; one with them
+        must be refused by older writers, which would rewrite its manifests without them.
+        """
+        err: BaseException | None = None
+        try:
+            if self.group.is_leader:
+                listed = {t.name: t.key for t in catalog if t.listed}
+                self.backend.write_json(DOC, dataclasses.replace(doc, format_version=FORMAT_VERSION,
+                                                                 tasks=listed).to_doc())
+        except BaseException as e:
+            err = e
+        err = self.group.agree(err, "raise the store's format version")
+        if err is not None:
+            raise storage_error(err, "raising the format version", self.backend, None, []) from err
+        doc.format_version = FORMAT_VERSION
 
     def _write_new_nodes(self, tasks: list[TaskState]) -> None:
         """The leader writes the node documents of parameters created since the last commit.
@@ -178,12 +203,19 @@ class Committer:
                 with contextlib.suppress(OSError):
                     self.backend.delete(key)
             raise storage_error(err, f"commit of task {t.name!r}", self.backend, None, [t]) from err
+        new_segments = list(t.new_samples)
         with self.write.lock:
             apply_commit(t, plan)
         for key in plan.superseded:
             with contextlib.suppress(OSError):  # a leftover generation is harmless: the next writer removes it
                 self.backend.delete(key)
         mark_committed(self.backend, t, [n for n in plan.adopted if t.params[n].owned])
+        for seg in new_segments:
+            for name in seg.params:
+                p = t.params[name]
+                if p.owned:
+                    with contextlib.suppress(OSError, FisherStoreError):
+                        self.backend.set_attributes(sample_key(p.key, seg.id), sample_attributes(p.name, p.layout))
 
 
     def _list_new_tasks(self, catalog: Catalog, doc: StoreDoc) -> None:
@@ -245,7 +277,7 @@ def storage_error(err: BaseException, what: str, backend: ArrayBackend, needed: 
 class Leftover:
     """Something a crashed writer left that no commit names; readers ignore it."""
 
-    kind: str  # "temp_file", "uncommitted_task", "uncommitted_param" or "uncommitted_generation"
+    kind: str  # "temp_file", "uncommitted_task", "uncommitted_param", "uncommitted_generation", "uncommitted_samples"
     key: str
     task: str | None = None
     param: str | None = None
@@ -285,7 +317,14 @@ def find_leftovers(backend: ArrayBackend, catalog: Catalog) -> list[Leftover]:
                                           message=f"task {t.name!r}: parameter directory {pseg!r} that no commit "
                                                   "lists"))
                 continue
+            segments = {seg.id for seg in t.samples if p.name in seg.params}
             for child in backend.list(p.key):
+                sid = parse_segment(child)
+                if sid is not None and sid not in segments:
+                    found.append(Leftover(
+                        "uncommitted_samples", f"{p.key}/{child}", t.name, p.name,
+                        f"task {t.name!r}, parameter {p.name!r}: per-sample segment {child} was written after the "
+                        "last commit and never committed; readers ignore it and the next writer removes it"))
                 g = parse_gen(child)
                 if g is not None and g != p.gen:
                     found.append(Leftover(

@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from .errors import CorruptStoreError, FormatVersionError, InvalidArgumentError, LayoutError, NotAFisherStoreError
+from .errors import CorruptStoreError, FormatVersionError, InvalidArgumentError, NotAFisherStoreError
 from .layout import ParamLayout
 
 __all__ = [
@@ -46,17 +46,21 @@ __all__ = [
     "generation_key",
     "chunk_key",
     "StoreDoc",
-    "ParamEntry",
-    "TaskManifest",
+    "sample_key",
+    "parse_segment",
+    "number_base",
     "param_doc",
     "array_attributes",
     "node_attr",
     "json_value",
     "is_pending",
+    "sample_attributes",
 ]
 
-#: Bumped on any change an older reader would misread.
-FORMAT_VERSION = 1
+#: Bumped on any change an older reader would misread (docs/format.md, "Version rules").
+FORMAT_VERSION = 2
+#: What a store without per-sample arrays is written as, so older fisherstores still open it.
+BASE_FORMAT_VERSION = 1
 ROOT_ATTR = "fisherstore"
 TASK_ATTR = "fisherstore_task"
 PARAM_ATTR = "fisherstore_param"
@@ -67,6 +71,7 @@ DOC = "zarr.json"
 _INFO_KEYS = ("estimator", "model", "user")
 
 _GEN_RE = re.compile(r"^g(\d{8})$")
+_SEG_RE = re.compile(r"^s(\d{8})$")
 #: Names a node may not take: Zarr's, the documents' and the writer lock's (escaped by encode_name).
 _RESERVED = (".", "..", DOC, ".fisherstore.lock")
 
@@ -112,6 +117,28 @@ def parse_gen(seg: str) -> int | None:
 
 def generation_key(param_key: str, gen: int) -> str:
     return f"{param_key}/{gen_name(gen)}"
+
+
+def number_base(uuid: str | None) -> int:
+    """Where a store on object storage numbers its generations and sample segments from (its uuid's).
+
+    A store replaced by ``mode="w"`` gets a new uuid, so its arrays get other numbers than
+    the old store's: a reader that outlived the replacement misses on every key it knew,
+    and learns of the replacement on that miss, with no extra request per read. Below
+    10⁷, so eight digits last 9·10⁷ more generations. (A local store numbers from 0: its
+    readers check the root document's identity after every read, a ``stat``.)
+    """
+    return int(uuid[:8], 16) % 10**7 if uuid else 0
+
+
+def sample_key(param_key: str, segment: int) -> str:
+    """The per-sample gradient array of one parameter in sample segment ``segment``."""
+    return f"{param_key}/s{segment:08d}"
+
+
+def parse_segment(seg: str) -> int | None:
+    m = _SEG_RE.match(seg)
+    return int(m.group(1)) if m else None
 
 
 def chunk_key(coords: Sequence[int]) -> str:
@@ -192,7 +219,7 @@ class StoreDoc:
 
     @classmethod
     def new(cls, library_version: str, codecs: dict[str, Any]) -> StoreDoc:
-        return cls(FORMAT_VERSION, f"fisherstore {library_version}", codecs, {}, uuid_mod.uuid4().hex)
+        return cls(BASE_FORMAT_VERSION, f"fisherstore {library_version}", codecs, {}, uuid_mod.uuid4().hex)
 
     def to_doc(self) -> dict[str, Any]:
         body = {"format_version": self.format_version, "written_by": self.written_by, "codecs": self.codecs,
@@ -232,146 +259,6 @@ class StoreDoc:
             raise _damaged(doc_where, f"uuid = {uuid!r} is not a string")
         written_by = body.get("written_by")
         return cls(version, written_by if isinstance(written_by, str) else None, codecs, dict(tasks), uuid)
-
-
-# -- the task manifest -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class ParamEntry:
-    """One parameter in a task manifest: where its state lives and at which step."""
-
-    key: str
-    shape: tuple[int, ...]
-    chunks: tuple[int, ...]
-    layout: ParamLayout | None
-    decay: float
-    generation: int | None = None  # None: never flushed, all zeros
-    t_last: int = 0
-    nonfinite_skipped: int = 0
-    updates: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "shape": list(self.shape),
-            "chunks": list(self.chunks),
-            "layout": self.layout.to_dict() if self.layout else None,
-            "decay": self.decay,
-            "generation": self.generation,
-            "t_last": self.t_last,
-            "nonfinite_skipped": self.nonfinite_skipped,
-            "updates": self.updates,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Any, name: str, task_key: str, step: int, where: str,
-                  layouts: dict[str, ParamLayout] | None = None) -> ParamEntry:
-        """Parse and validate parameter ``name``'s entry of a manifest that is at ``step``.
-
-        ``layouts`` caches parsed layouts (a model has a handful of distinct ones). Raises
-        :class:`CorruptStoreError` naming the document and the field for anything a
-        reader would misread.
-        """
-        f = f"params[{name!r}]"
-        d = _dict(d, where, f)
-        key = _key(d.get("key"), f"{task_key}/{_encoded(name, where, 'parameter name')}", where, f"{f}.key")
-        shape = _ints(d.get("shape"), where, f"{f}.shape", 0)
-        chunks = _ints(d.get("chunks"), where, f"{f}.chunks", 1)
-        if len(chunks) != len(shape):
-            raise _damaged(where, f"{f}.chunks {chunks} do not fit shape {shape}")
-        decay = d.get("decay")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
-            raise _damaged(where, f"{f}.decay = {decay!r} is not a number in (0, 1)")
-        gen = d.get("generation")
-        if gen is not None:
-            _int(gen, where, f"{f}.generation", 1)
-        t_last = _int(d.get("t_last", 0), where, f"{f}.t_last", 1 if gen is not None else 0)
-        if t_last > step:
-            raise _damaged(where, f"{f}.t_last = {t_last} is after the task's step {step}")
-        lay = _dict(d.get("layout"), where, f"{f}.layout", optional=True)
-        layout = None
-        if lay:
-            k = repr(sorted(lay.items()))
-            layout = layouts.get(k) if layouts is not None else None
-            if layout is None:
-                try:
-                    layout = ParamLayout.from_dict(lay)
-                    layout.validate_shape(shape, name)
-                except (LayoutError, TypeError) as e:
-                    raise _damaged(where, f"{f}.layout: {e}") from None
-                if layouts is not None:
-                    layouts[k] = layout
-            else:
-                try:
-                    layout.validate_shape(shape, name)
-                except LayoutError as e:
-                    raise _damaged(where, f"{f}.layout: {e}") from None
-        return cls(
-            key=key,
-            shape=shape,
-            chunks=chunks,
-            layout=layout,
-            decay=float(decay),
-            generation=gen,
-            t_last=t_last,
-            nonfinite_skipped=_int(d.get("nonfinite_skipped", 0), where, f"{f}.nonfinite_skipped"),
-            updates=_int(d.get("updates", 0), where, f"{f}.updates"),
-        )
-
-
-@dataclass(frozen=True)
-class TaskManifest:
-    """A task's committed state: step, tokens, commit counter, info and every parameter's entry."""
-
-    name: str
-    step: int = 0
-    tokens_seen: int = 0
-    commit: int = 0
-    info: dict[str, Any] = field(default_factory=dict)  # estimator, model, user
-    params: dict[str, ParamEntry] = field(default_factory=dict)
-
-    def to_doc(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "name": self.name,
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "commit": self.commit,
-            "params": {n: e.to_dict() for n, e in self.params.items()},
-        }
-        body.update(self.info)
-        return _group_doc(TASK_ATTR, body)
-
-    @staticmethod
-    def commit_of(doc: dict[str, Any] | None) -> int | None:
-        """The commit counter of a manifest document, without parsing the rest (None if unreadable)."""
-        body = node_attr(doc, TASK_ATTR)
-        return body.get("commit", 0) if isinstance(body, dict) else None
-
-    @classmethod
-    def from_doc(cls, doc: dict[str, Any] | None, name: str, key: str) -> TaskManifest:
-        """Parse and validate the manifest of task ``name`` (at node ``key``)."""
-        where = f"the manifest of task {name!r} ({doc_key(key)})"
-        body = node_attr(doc, TASK_ATTR)
-        if not isinstance(body, dict):
-            raise CorruptStoreError(
-                f"task {name!r} is listed in the store root but its manifest {doc_key(key)} is "
-                "missing or damaged. Run `fisherstore verify` on the store."
-            )
-        step = _int(body.get("step"), where, "step")
-        info = {k: body[k] for k in _INFO_KEYS if body.get(k) is not None}
-        if info.get("estimator") not in ESTIMATORS:
-            raise _damaged(where, f"estimator = {info['estimator']!r} is not one of {ESTIMATORS}")
-        for k in ("model", "user"):
-            _dict(info.get(k), where, k, optional=True)
-        layouts: dict[str, ParamLayout] = {}
-        params = _dict(body.get("params", {}), where, "params")
-        return cls(
-            name=name,
-            step=step,
-            tokens_seen=_int(body.get("tokens_seen", 0), where, "tokens_seen"),
-            commit=_int(body.get("commit", 0), where, "commit"),
-            info=info,
-            params={n: ParamEntry.from_dict(e, n, key, step, where, layouts) for n, e in params.items()},
-        )
 
 
 def json_value(value: Any, where: str) -> Any:
@@ -419,6 +306,13 @@ def array_attributes(name: str, layout: ParamLayout | None, pending: bool = Fals
     if pending:
         body["pending"] = True
     return {PARAM_ATTR: body}
+
+
+def sample_attributes(name: str, layout: ParamLayout | None, pending: bool = False) -> dict[str, Any]:
+    """The attributes of a per-sample gradient array: the parameter's, and what axis 0 holds."""
+    attrs = array_attributes(name, layout, pending)
+    attrs[PARAM_ATTR]["axis0"] = "sample"
+    return attrs
 
 
 def is_pending(doc: dict[str, Any] | None) -> bool:

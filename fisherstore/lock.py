@@ -25,7 +25,7 @@ from .errors import CorruptStoreError, StoreLockedError
 
 LOCK_NAME = ".fisherstore.lock"
 
-__all__ = ["StoreLock", "StoreLockedError", "LOCK_NAME", "read_holder", "holder_alive"]
+__all__ = ["StoreLock", "ObjectLock", "StoreLockedError", "LOCK_NAME", "read_holder", "holder_alive", "make_lock"]
 
 
 #: A lock record is a few dozen bytes; anything longer is not one of ours.
@@ -213,3 +213,68 @@ class StoreLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+
+class ObjectLock:
+    """The writer lock of a store on object storage: the lock object, created by a conditional PUT.
+
+    ``If-None-Match: *`` makes the creation atomic: of two writers, exactly one creates it.
+    Unlike an ``flock``, nothing releases it when its writer dies: a killed writer's lock
+    stays until a writer opens with ``force=True`` (CLI: ``fisherstore unlock --force``),
+    which takes it over. On a server without conditional writes two writers could both
+    "create" it; docs/format.md says what follows.
+
+    Args:
+        medium: the store's :class:`~fisherstore.backends.objects.ObjectFiles`.
+    """
+
+    mode = "object"
+
+    def __init__(self, medium: Any, *, force: bool = False) -> None:
+        self.medium = medium
+        self.path = medium.url_of(LOCK_NAME)
+        self.force = force
+        self.previous: dict[str, Any] | None = None
+        self._held = False
+
+    def _me(self) -> bytes:
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode()
+
+    def acquire(self) -> None:
+        if self.medium.create(LOCK_NAME, self._me()):
+            self._held = True
+            return
+        raw = self.medium.get(LOCK_NAME, limit=_MAX_RECORD) or b"{}"
+        try:
+            holder = json.loads(raw)
+        except ValueError:
+            holder = {}
+        holder = holder if isinstance(holder, dict) else {}
+        if not self.force:
+            who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+            raise StoreLockedError(
+                f"the store at {self.medium.url!r} is locked by a writer ({who}); a store has one writer at a time. "
+                "Open it with mode='r' to read it. If that writer is gone (object-store locks are not released "
+                "when a process dies), take the lock over with force=True (CLI: fisherstore unlock --force URL)."
+            )
+        self.previous = holder
+        self.medium.write(LOCK_NAME, self._me())
+        self._held = True
+
+    def release(self, remove_file: bool = False) -> None:
+        if not self._held:
+            return
+        self._held = False
+        with contextlib.suppress(OSError, Exception):  # a lock that cannot be deleted is taken over by force
+            self.medium.delete(LOCK_NAME)
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+
+def make_lock(medium: Any, force: bool = False) -> StoreLock | ObjectLock:
+    """The writer lock for a store on ``medium``: an ``flock`` in a directory, a conditional PUT on S3."""
+    if getattr(medium, "kind", "file") == "s3":
+        return ObjectLock(medium, force=force)
+    return StoreLock(medium.root, force=force)

@@ -16,18 +16,19 @@ from .backends import ArrayBackend
 from .catalog import Catalog
 from .codecs import CodecSpec
 from .commit import mark_committed, recover
-from .errors import FisherStoreError, NotAFisherStoreError, RecoveryWarning, StorageError, listing
+from .errors import FisherStoreError, NotAFisherStoreError, RecoveryWarning, StorageError, StoreReplacedError, listing
 from .format import DOC, StoreDoc, doc_key, is_pending
-from .lock import StoreLock
+from .iopool import IOPool
+from .lock import ObjectLock, StoreLock, make_lock
 
-__all__ = ["take_lock", "release_lock", "open_root", "recover_leftovers"]
+__all__ = ["take_lock", "release_lock", "open_root", "recover_leftovers", "Resources", "check_identity"]
 
 
-def take_lock(backend: ArrayBackend, force: bool) -> StoreLock:
+def take_lock(backend: ArrayBackend, force: bool) -> StoreLock | ObjectLock:
     """The writer lock of the store at ``backend``'s location (made if missing)."""
     try:
         backend.ensure_root()
-        lock = StoreLock(backend.location, force=force)
+        lock = make_lock(backend.medium, force=force)
         lock.acquire()
     except OSError as e:
         if isinstance(e, FisherStoreError):
@@ -41,7 +42,7 @@ def take_lock(backend: ArrayBackend, force: bool) -> StoreLock:
     return lock
 
 
-def release_lock(lock: StoreLock | None, backend: ArrayBackend) -> None:
+def release_lock(lock: StoreLock | ObjectLock | None, backend: ArrayBackend) -> None:
     if lock is not None:  # a store never created keeps no lock file behind
         lock.release(remove_file=not backend.exists())
 
@@ -94,3 +95,55 @@ def recover_leftovers(backend: ArrayBackend, catalog: Catalog, lock: StoreLock |
             RecoveryWarning,
             stacklevel=5,
         )
+
+
+class Resources:
+    """What an open store holds outside Python objects: the writer lock, the I/O threads, the backend.
+
+    Kept apart from the store so a store that is garbage-collected without ``close()`` (a
+    notebook cell run twice) still releases its lock: the finaliser needs no store.
+    """
+
+    def __init__(self, backend: ArrayBackend, pool: IOPool, lock: StoreLock | None, catalog: Catalog) -> None:
+        self.backend, self.pool, self.lock, self.catalog = backend, pool, lock, catalog
+        self.closed = False
+
+    def release(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.pool.shutdown()
+            self.backend.close()
+        finally:
+            release_lock(self.lock, self.backend)
+
+    def abandon(self) -> None:
+        """The store was garbage-collected (or the interpreter exits) without close()."""
+        lost = [t.name for t in self.catalog if t.dirty]
+        self.release()
+        if lost:
+            warnings.warn(f"a FisherStore at {self.backend.location!r} was never closed; the writer lock is released, "
+                          f"but what tasks {listing(lost)} did since their last flush is lost. Use `with "
+                          "fisherstore.open(...)` or call close().", ResourceWarning, stacklevel=2)
+
+
+def check_identity(backend: ArrayBackend, doc: StoreDoc, version: object) -> object:
+    """A reader's check that the store it opened is still there, not replaced by ``mode="w"``.
+
+    ``version`` is the root document's version token when last checked (one ``stat``);
+    returns the current one. Raises :class:`StoreReplacedError` when the store's uuid changed.
+    """
+    now_version = backend.version(DOC)
+    if now_version == version:
+        return version
+    try:
+        now = StoreDoc.from_doc(backend.read_json(DOC), backend.location or "<ram>")
+    except FisherStoreError:
+        now = None
+    if now is None or now.uuid != doc.uuid:
+        raise StoreReplacedError(
+            f"the store at {backend.location!r} was replaced (or removed) since this reader opened it; its values "
+            "are gone. Reopen it with fisherstore.open(path, mode='r') to read the new store."
+        )
+    return now_version  # the same store: a writer listed a new task

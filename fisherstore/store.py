@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .backends import ArrayBackend
-from .catalog import Catalog, ParamInfo, ParamState, TaskState, load_task
+from .catalog import Catalog, ParamInfo, ParamState, TaskState, committed_keys, load_task
 from .codecs import CodecSpec
 from .commit import Committer
 from .dist import RankGroup
@@ -46,19 +46,20 @@ from .errors import (
     SliceError,
     StepDiscardedWarning,
     StepError,
-    StoreReplacedError,
-    listing,
 )
-from .format import DOC, ESTIMATORS, StoreDoc, TaskManifest, doc_key, encode_name, json_value
+from .format import DOC, ESTIMATORS, doc_key, encode_name, json_value, number_base
 from .iopool import IOPool
 from .layout import ParamLayout
 from .lazy import LazyFisher
 from .lock import StoreLock
-from .opening import open_root, recover_leftovers, release_lock, take_lock
-from .options import DEFAULT_MEMORY_BUDGET, StoreOptions
+from .manifest import TaskManifest
+from .opening import Resources, check_identity, open_root, recover_leftovers, take_lock
+from .options import StoreOptions, default_memory_budget
 from .read import ReadPath
 from .regions import Region, full_region
-from .residency import MemoryPlan, Residency, bound_allocator
+from .replay import Replay
+from .residency import MemoryPlan, Residency
+from .samples import ContributionSource, LazySamples, SampleBatch, check_dtype, samples_of, segment_count
 from .write import StepWriter, WritePath
 
 __all__ = ["FisherStore", "StepWriter"]
@@ -83,22 +84,21 @@ class FisherStore:
         self._backend = backend
         self.options = opts
         budget = opts.memory_budget
-        if budget is None:
-            budget = DEFAULT_MEMORY_BUDGET if backend.persistent else 0
-        self.plan = MemoryPlan.from_budget(budget, opts.io_workers)
+        if budget is None:  # on disk 1 GiB; in RAM every parameter is resident (no read-modify-writes)
+            budget = default_memory_budget(backend.persistent)
+        # A RAM store's few array copies (folds, streamed parameters under an explicit budget) run inline.
+        self.plan = MemoryPlan.from_budget(budget, opts.io_workers if backend.persistent else 0)
         self._group = opts.group or RankGroup.solo()
         self._catalog = Catalog()
         self._state_lock = threading.RLock()
         self._residency = Residency(self.plan, opts.device_budget)
-        self._pool = IOPool(self.plan.workers, self.plan.queue_bytes)
-        if backend.persistent and opts.writable:
-            bound_allocator()
+        self._pool = IOPool(self.plan.workers, self.plan.queue_bytes)  # its workers trim the heap after slabs
         self._active: StepWriter | None = None
         self._steps_since_flush = 0
         self._lock: StoreLock | None = None
         if backend.persistent and self.writable and self._group.is_leader:
             self._lock = take_lock(backend, opts.force)
-        self._res = _Resources(backend, self._pool, self._lock, self._catalog)
+        self._res = Resources(backend, self._pool, self._lock, self._catalog)
         self._finalizer = weakref.finalize(self, self._res.abandon)
         try:
             if self._group.is_leader:
@@ -113,12 +113,20 @@ class FisherStore:
         self._write = WritePath(backend, self._pool, self.plan, self._residency, self.codecs, opts.nonfinite,
                                 self._state_lock)
         self._commit = Committer(backend, self._write, self._group, opts.progress)
-        self._read = ReadPath(backend, self._catalog, self._state_lock,
-                              None if self.writable else self._reload, None if self.writable else self._check_identity)
+        # A reader checks after every read that the store was not replaced; on object storage,
+        # where that check is a request, the numbering from the uuid (format.number_base)
+        # makes a replaced store's reads miss instead, and the miss leads to the same check.
+        local = getattr(backend.medium, "kind", None) == "file"
+        self._read = ReadPath(backend, self._catalog, self._state_lock, None if self.writable else self._reload,
+                              self._check_identity if not self.writable and local else None)
 
     # -- opening and closing --------------------------------------------------------------
     def _open(self) -> None:
         self._doc, replaced = open_root(self._backend, self.mode, self.options.codecs, self._group.is_leader)
+        # On object storage a reader does not check the store's identity per read (a request);
+        # numbering its arrays from its uuid makes a replaced store's reads miss instead.
+        remote = getattr(self._backend.medium, "kind", "file") != "file"
+        self._number_base = number_base(self._doc.uuid) if remote else 0
         self._doc_version = self._backend.version(DOC)
         for name, key in self._doc.tasks.items():
             self._catalog.add(self._load_task(name, key))
@@ -135,6 +143,7 @@ class FisherStore:
     def _place(self, p: ParamState, index: int) -> None:
         """Who writes ``p`` (a rank of the group), and whether it stays resident."""
         p.owned = self._group.owner_of(p.name, index) == self._group.rank
+        p.gen_base = self._number_base
         if p.owned and self.writable:
             p.resident = self._residency.admit(p.nbytes)
 
@@ -149,21 +158,8 @@ class FisherStore:
             return True
 
     def _check_identity(self) -> None:
-        """A reader's check that the store it opened is still there, not replaced by ``mode="w"``."""
-        version = self._backend.version(DOC)
-        if version == self._doc_version:
-            return
         with self._state_lock:
-            try:
-                now = StoreDoc.from_doc(self._backend.read_json(DOC), self.path or "<ram>")
-            except FisherStoreError:
-                now = None
-            if now is None or now.uuid != self._doc.uuid:
-                raise StoreReplacedError(
-                    f"the store at {self.path!r} was replaced (or removed) since this reader opened it; its values "
-                    "are gone. Reopen it with fisherstore.open(path, mode='r') to read the new store."
-                )
-            self._doc_version = version  # the same store: a writer listed a new task
+            self._doc_version = check_identity(self._backend, self._doc, self._doc_version)
 
     def close(self) -> None:
         """Flush (when writable) and release the backend. Safe to call twice.
@@ -196,8 +192,13 @@ class FisherStore:
     mode = property(lambda self: self.options.mode, doc="How the store was opened: 'r', 'r+', 'a' or 'w'.")
     decay = property(lambda self: self.options.decay, doc="The default EMA β of new parameters.")
     nonfinite = property(lambda self: self.options.nonfinite, doc="'raise' or 'skip' for NaN/Inf gradients.")
-    flush_every = property(lambda self: self.options.flush_every, doc="Steps between automatic flushes (None: off).")
+    flush_every = property(
+        lambda self: None if self._write.replaying else self.options.flush_every,
+        doc="Steps between automatic flushes (None: off; off too while a multi-pass run replays a task, which "
+            "writes once at its end).")
     memory_budget = property(lambda self: self.plan.total, doc="Bytes of RAM the store may hold.")
+    device_budget = property(lambda self: self.options.device_budget,
+                             doc="Bytes of GPU memory for accumulators (None: the device's free memory less a margin).")
     writable = property(lambda self: self.options.writable, doc="Whether the store was opened for writing.")
     closed = property(lambda self: self._res.closed, doc="Whether close() has run.")
 
@@ -261,17 +262,17 @@ class FisherStore:
                     "codecs": self.codecs.to_dict(), "tasks": cat.names()}
 
     def nbytes_on_disk(self, task: str | None = None, name: str | None = None, *, chunks_only: bool = False,
-                       committed: bool = False) -> int:
+                       committed: bool = False, kind: str = "all") -> int:
         """Bytes the store (or a task, or a parameter) takes on its medium.
 
-        ``committed=True`` counts only the chunks of the generations the last commit names
-        (what a reader sees), not a writer's uncommitted work.
+        ``committed=True`` counts only the arrays the last commits name: what a reader sees,
+        not a writer's work; ``kind`` then picks ``"fisher"`` (live generations),
+        ``"samples"`` (committed per-sample segments) or ``"all"``.
         """
         cat = self._cat()
         if committed:
-            ts = cat if task is None else [cat.task(task)]
-            return sum(self._backend.nbytes(p.gen_key(p.gen), chunks_only=chunks_only) for t in ts
-                       for n, p in t.params.items() if p.gen is not None and name in (None, n))
+            keys = [k for t in (cat if task is None else [cat.task(task)]) for k in committed_keys(t, name, kind)]
+            return sum(self._backend.nbytes(k, chunks_only=chunks_only) for k in keys)
         key = "" if task is None else cat.task(task).key if name is None else cat.param(task, name).key
         return self._backend.nbytes(key, chunks_only=chunks_only)
 
@@ -463,7 +464,85 @@ class FisherStore:
         never waits on the caller.
         """
         self._check_open()
-        return self._read.iter_heads(task, names, block, workers, bias_corrected)
+        return self._read.iter_heads(task, names, block, workers, bias_corrected, self.options.progress)
+
+    def replay(self, task: str, names: Sequence[str], *, in_place: bool = True) -> Replay:
+        """A multi-pass run's hold on ``task`` (:mod:`fisherstore.replay`): rewind it per pass, write each
+        group once, commit with one flush; ``abort()`` puts it back at its last commit.
+
+        Usage: see :meth:`FisherCollector.collect_fisher_dataset`, its one user.
+        """
+        self._check_writable("replay")
+        with self._state_lock:
+            return Replay(self._write, self._cat().task(task), list(names), in_place=in_place)
+
+    # -- per-sample gradients (Phase 6) --------------------------------------------------------
+    def begin_samples(self, task: str, names: Sequence[str], n: int, *, ids: Sequence[str] | None = None,
+                      dtype: str | None = None) -> SampleBatch:
+        """Start a segment of ``n`` samples' signed gradients of ``names``; use as a context manager.
+
+        ``with store.begin_samples("math", names, n=8) as sb: sb.add(i, name, g_i); sb.set_tokens(i, T_i)``.
+        Committed by the next flush. ``ids``: stable sample ids, unique in the task (default:
+        running numbers). ``dtype``: None stores the gradients' own dtype; see
+        :class:`~fisherstore.samples.SampleBatch` for the rounded options.
+        """
+        self._check_writable("begin_samples")
+        if self._active is not None:
+            raise StepError(f"a step or sample segment of task {self._active.task!r} is still open; finish it first")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidArgumentError(f"n must be a positive number of samples, got {n!r}")
+        with self._state_lock:
+            t = self._cat().task(task)
+            segments = samples_of(self._catalog, task)
+            names = list(names)
+            for name in names:
+                self._catalog.param(task, name)
+            if segments and set(names) != set(segments[0].params):
+                raise InvalidArgumentError(
+                    f"task {task!r} holds per-sample gradients of {len(segments[0].params)} parameters; a new segment "
+                    f"must cover the same ones (got {len(names)}), so every sample has every parameter")
+            ids = [str(i) for i in (ids if ids is not None else range(segment_count(segments),
+                                                                      segment_count(segments) + n))]
+            taken = {i for seg in segments for i in seg.ids}
+            if len(ids) != n or len(set(ids)) != n or taken & set(ids):
+                raise InvalidArgumentError(f"ids must be {n} distinct sample ids not yet in task {task!r}")
+            segment = max((seg.id for seg in segments), default=self._number_base) + 1
+        codecs = self.codecs.json_codecs()
+        self._active = SampleBatch(self._backend, self._pool, self._state_lock, t, names, n, segment, ids, codecs,
+                                   check_dtype(dtype), self._samples_ended)
+        return self._active
+
+    def _samples_ended(self, batch: SampleBatch) -> None:
+        self._active = None
+
+    def samples(self, task: str, name: str) -> LazySamples:
+        """A lazy ``[n, *shape]`` view of ``name``'s per-sample gradients in ``task`` (reads chunks on demand)."""
+        with self._state_lock:
+            return LazySamples(self._backend, self._cat().task(task), self._catalog.param(task, name),
+                               samples_of(self._catalog, task))
+
+    def sample_params(self, task: str) -> list[str]:
+        """The parameters ``task`` holds per-sample gradients of ([] before any are collected)."""
+        segments = samples_of(self._cat(), task)
+        return list(segments[0].params) if segments else []
+
+    def sample_tokens(self, task: str) -> torch.Tensor:
+        """Each sample's token count ``T_i``, in sample order: ``[n]`` int64."""
+        return torch.tensor([t for seg in samples_of(self._cat(), task) for t in seg.tokens], dtype=torch.long)
+
+    def sample_ids(self, task: str) -> list[str]:
+        """Each sample's stable id, in sample order."""
+        return [i for seg in samples_of(self._cat(), task) for i in seg.ids]
+
+    def contribution_fisher(self, task: str, name: str) -> LazyFisher:
+        """The contribution-based Fisher ``mean_i g_i²/T_i`` of ``name`` (Option 1), lazily and out of core.
+
+        Reads like :meth:`fisher` (slices, ``.head``); each read streams the task's samples
+        over just the region it asks for.
+        """
+        self._cat().param(task, name)
+        source = ContributionSource(self.samples, self.param, self.revision, max(self.plan.total // 4, 64 << 20))
+        return LazyFisher(source, task, name)
 
     # -- checks -------------------------------------------------------------------------
     def _cat(self) -> Catalog:
@@ -482,33 +561,35 @@ class FisherStore:
                 "with mode='r+' (or 'a') to write."
             )
 
+    # -- views and summaries ------------------------------------------------------------
+    def to_dask(self, task: str, name: str, *, bias_corrected: bool = True) -> Any:
+        """``name``'s Fisher as a lazy Dask array, one Dask chunk per store chunk (needs the ``views`` extra).
 
-class _Resources:
-    """What an open store holds outside Python objects: the writer lock, the I/O threads, the backend.
+        Usage: ``store.to_dask("math", q_name).sum(axis=1).compute()``. See :mod:`fisherstore.views`.
+        """
+        from .views import to_dask
 
-    Kept apart from the store so a store that is garbage-collected without ``close()`` (a
-    notebook cell run twice) still releases its lock: the finaliser needs no store.
-    """
+        self._cat().param(task, name)
+        return to_dask(self, task, name, bias_corrected=bias_corrected)
 
-    def __init__(self, backend: ArrayBackend, pool: IOPool, lock: StoreLock | None, catalog: Catalog) -> None:
-        self.backend, self.pool, self.lock, self.catalog = backend, pool, lock, catalog
-        self.closed = False
+    def to_xarray(self, task: str, names: Sequence[str] | None = None, *, bias_corrected: bool = True) -> Any:
+        """The task as an ``xr.DataTree`` of lazy, bias-corrected arrays with layer/head/block coordinates.
 
-    def release(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.pool.shutdown()
-            self.backend.close()
-        finally:
-            release_lock(self.lock, self.backend)
+        Usage: ``store.to_xarray("math")[q_name]["fisher"].sum("in").groupby("head").sum()``.
+        See :func:`fisherstore.views.to_xarray`.
+        """
+        from .views import to_xarray
 
-    def abandon(self) -> None:
-        """The store was garbage-collected (or the interpreter exits) without close()."""
-        lost = [t.name for t in self.catalog if t.dirty]
-        self.release()
-        if lost:
-            warnings.warn(f"a FisherStore at {self.backend.location!r} was never closed; the writer lock is released, "
-                          f"but what tasks {listing(lost)} did since their last flush is lost. Use `with "
-                          "fisherstore.open(...)` or call close().", ResourceWarning, stacklevel=2)
+        self._cat().task(task)
+        return to_xarray(self, task, names, bias_corrected=bias_corrected)
+
+    def summary(self, task: str, names: Sequence[str] | None = None, *, bias_corrected: bool = True,
+                progress: bool | None = None) -> Any:
+        """Fisher mass per (param, layer, head, block) as a ``pandas.DataFrame`` (needs the ``views`` extra).
+
+        Usage: ``store.summary("math").pivot_table("mass", "layer", "head")``. See :mod:`fisherstore.summary`.
+        """
+        from .summary import summary
+
+        self._cat().task(task)
+        return summary(self, task, names, bias_corrected=bias_corrected, progress=progress)

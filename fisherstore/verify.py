@@ -21,12 +21,14 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .backends import ArrayBackend, make_backend
+from .backends import ArrayBackend, location, make_backend
 from .catalog import Catalog, ParamState, TaskState, load_task
 from .commit import find_leftovers
 from .errors import CorruptChunkError, FisherStoreError
-from .format import DOC, StoreDoc, TaskManifest, chunk_key, doc_key, gen_name
+from .format import DOC, StoreDoc, chunk_key, doc_key, gen_name, sample_key
 from .lock import LOCK_NAME, holder_alive, read_holder
+from .manifest import SampleSegment, TaskManifest
+from .progress import progress_bar
 from .read import read_generation
 from .regions import chunk_region, grid_shape, iter_grid
 
@@ -74,23 +76,29 @@ RETRIES = 8
 MAX_CHUNKS = 1 << 22
 
 
-def verify_store(path: str | os.PathLike[str], backend: str = "zarr") -> VerifyReport:
+def verify_store(path: str | os.PathLike[str], backend: str = "zarr", *, progress: bool | None = None) -> VerifyReport:
     """Check the store at ``path``; never writes. See the module docstring.
+
+    ``progress``: a bar of checked chunks (None: on a terminal only).
 
     Safe while a writer runs: a task whose manifest changed during its check is checked
     again at its new commit, so a flush in progress is never reported as lost data.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = location(path)
+    local = "://" not in path
+    path = os.path.abspath(path) if local else path
     rep = VerifyReport(path)
-    if not os.path.isdir(path):
-        rep.problems.append(Finding("unreadable_store", f"no fisherstore store at {path!r} (the directory does "
-                                                        "not exist)", path))
+    if local and not os.path.isdir(path):
+        what = "a file, not a store directory" if os.path.exists(path) else "the directory does not exist"
+        rep.problems.append(Finding("unreadable_store", f"no fisherstore store at {path!r} ({what})", path))
         return rep
     be = make_backend(backend, path, read_only=True)
     try:
         catalog = Catalog()
-        for name, key in StoreDoc.from_doc(be.read_json(DOC), path).tasks.items():
-            catalog.add(_check_task(be, rep, name, key))
+        tasks = StoreDoc.from_doc(be.read_json(DOC), path).tasks
+        with progress_bar(_planned_chunks(be, tasks), progress, "verify", unit="chunk") as bar:
+            for name, key in tasks.items():
+                catalog.add(_check_task(be, rep, name, key, bar))
         rep.rolled_back += [Finding(lo.kind, lo.message, be.url(lo.key), lo.task, lo.param)
                             for lo in find_leftovers(be, catalog)]
     except FisherStoreError as e:
@@ -104,20 +112,64 @@ def verify_store(path: str | os.PathLike[str], backend: str = "zarr") -> VerifyR
     return rep
 
 
-def _check_task(be: ArrayBackend, rep: VerifyReport, name: str, key: str) -> TaskState:
+def _planned_chunks(be: ArrayBackend, tasks: dict[str, str]) -> int:
+    """How many chunks verify will check (the progress bar's total; a racing writer may change it)."""
+    n = 0
+    for name, key in tasks.items():
+        t = load_task(be.read_json, name, key)
+        n += sum(math.prod(grid_shape(p.shape, p.chunks)) for p in t.params.values() if p.gen is not None)
+        n += sum(seg.n * math.prod(grid_shape(t.params[q].shape, t.params[q].chunks))
+                 for seg in getattr(t, "samples", ()) for q in seg.params)
+    return n
+
+
+def _check_task(be: ArrayBackend, rep: VerifyReport, name: str, key: str, bar: Any = None) -> TaskState:
     """Check every committed generation of a task; retry while a writer commits it."""
     for _ in range(RETRIES):
         t = load_task(be.read_json, name, key)
         found = VerifyReport(rep.path)
         for p in t.params.values():
             if p.gen is not None:  # never flushed: all zeros, nothing on disk to check
+                done = found.chunks_checked
                 _check_generation(be, found, t, p)
+                bar and bar.update(found.chunks_checked - done)
+        for seg in t.samples:
+            for pname in seg.params:
+                done = found.chunks_checked
+                _check_samples(be, found, t, t.params[pname], seg)
+                bar and bar.update(found.chunks_checked - done)
         if not found.problems or TaskManifest.commit_of(be.read_json(doc_key(key))) == t.commit:
             break  # clean, or damaged at a commit that stayed put: the problems are real
     rep.problems += found.problems
     rep.chunks_checked += found.chunks_checked
     rep.bytes_checked += found.bytes_checked
     return t
+
+
+def _check_samples(be: ArrayBackend, rep: VerifyReport, t: TaskState, p: ParamState, seg: SampleSegment) -> None:
+    """A committed per-sample segment of ``p``: header as the manifest says, every chunk present and sound."""
+    key = sample_key(p.key, seg.id)
+    what = f"task {t.name!r}, parameter {p.name!r}: per-sample segment {seg.id}"
+    meta = be.array_meta(key)
+    want = (seg.dtype, (seg.n, *p.shape), (1, *p.chunks))
+    if meta is None or (meta["data_type"], tuple(meta["shape"]), tuple(meta["chunks"])) != want:
+        kind = "missing_samples" if meta is None else "inconsistent_samples"
+        rep.problems.append(Finding(kind, f"{what} is {'missing' if meta is None else 'not what the manifest says'}"
+                                          f" (want {want[0]} {want[1]} in chunks {want[2]}); its samples are lost",
+                                    be.url(key), t.name, p.name))
+        return
+    present = be.list_chunks(key)
+    for idx in iter_grid(want[1], want[2]):
+        rep.chunks_checked += 1
+        if idx not in present:
+            rep.problems.append(Finding("missing_chunk", f"{what}: chunk {idx} is missing",
+                                        be.url(f"{key}/{chunk_key(idx)}"), t.name, p.name, idx))
+            continue
+        try:
+            rep.bytes_checked += be.read_stored(key, chunk_region(idx, want[1], want[2])).nbytes
+        except Exception as e:
+            rep.problems.append(Finding("corrupt_chunk", f"{what}: chunk {idx}: {type(e).__name__}: {e}",
+                                        be.url(f"{key}/{chunk_key(idx)}"), t.name, p.name, idx))
 
 
 def _check_generation(be: ArrayBackend, rep: VerifyReport, t: TaskState, p: ParamState) -> None:
@@ -163,6 +215,8 @@ def _check_generation(be: ArrayBackend, rep: VerifyReport, t: TaskState, p: Para
 
 
 def _lock_note(rep: VerifyReport) -> None:
+    if "://" in rep.path:
+        return  # an object store's lock record is not read here
     holder = read_holder(os.path.join(rep.path, LOCK_NAME))
     if not holder.get("pid"):
         return

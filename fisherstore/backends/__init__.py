@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..errors import InvalidArgumentError
 from .base import ArrayBackend
 
 BACKENDS = ("zarr", "tensorstore", "ram")
+
+
+#: URL schemes a store can live at; a local path needs none.
+SCHEMES = ("s3",)
+
+
+def location(path: str | os.PathLike[str]) -> str:
+    """A store's location: a local path, or an ``s3://bucket/prefix`` URL. Any other scheme is an error.
+
+    ``fisherstore.open("gs://b/x")`` must never create a local directory named ``gs:``.
+    """
+    p = os.fspath(path)
+    if not isinstance(p, str):
+        raise InvalidArgumentError(f"a store's path must be a string or path-like, got {type(path).__name__}")
+    scheme, sep, rest = p.partition("://")
+    if not sep:
+        return p
+    if scheme == "file":
+        return rest
+    if scheme.lower() not in SCHEMES:
+        raise InvalidArgumentError(
+            f"{p!r} has the URL scheme {scheme!r}, which fisherstore cannot store on; use a local path or "
+            "s3://bucket/prefix (S3-compatible object storage)"
+        )
+    if not rest.split("/", 1)[0]:
+        raise InvalidArgumentError(f"{p!r} names no bucket; write s3://bucket/prefix")
+    return f"{scheme.lower()}://{rest}"
 
 
 def make_backend(name: str, location: str | None, *, read_only: bool, **options: Any) -> ArrayBackend:
@@ -23,4 +51,4 @@ def make_backend(name: str, location: str | None, *, read_only: bool, **options:
     return cls(location, read_only=read_only, **options)
 
 
-__all__ = ["ArrayBackend", "BACKENDS", "make_backend"]
+__all__ = ["ArrayBackend", "BACKENDS", "SCHEMES", "location", "make_backend"]

@@ -20,8 +20,30 @@ import numpy as np
 
 from ..codecs import CodecSpec
 from ..regions import Region
+from .dims import array_dimension_names
 
-__all__ = ["ArrayBackend", "ChunkError"]
+__all__ = ["ArrayBackend", "ChunkError", "CARRIERS", "raw_array_doc"]
+
+#: How each element type fisherstore writes itself is held in numpy (bfloat16 by its bits).
+CARRIERS = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+
+
+def raw_array_doc(shape: Sequence[int], chunks: Sequence[int], dtype: str, attributes: dict[str, Any],
+                  codecs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Zarr v3 header of an array whose chunks fisherstore writes itself (any float dtype)."""
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(shape),
+        "data_type": dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0.0,
+        "codecs": codecs,
+        "attributes": attributes,
+        "dimension_names": list(array_dimension_names(len(shape), attributes)),  # xarray opens only named arrays
+        "storage_transformers": [],
+    }
 
 
 class ChunkError(OSError):
@@ -48,6 +70,8 @@ class ArrayBackend(abc.ABC):
     def __init__(self, location: str | None, *, read_only: bool) -> None:
         self.location = location
         self.read_only = read_only
+        #: The medium's bytes-by-key store (:mod:`.files`, :mod:`.objects`); None in RAM.
+        self.medium: Any = None
 
     # -- documents ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -79,6 +103,20 @@ class ArrayBackend(abc.ABC):
         if doc is not None:
             doc["attributes"] = attributes
             self.write_json(f"{key}/zarr.json", doc, durable=False)
+
+    # -- arrays whose chunks fisherstore writes itself (per-sample gradients) ------------------
+    @abc.abstractmethod
+    def create_raw_array(self, key: str, shape: Sequence[int], chunks: Sequence[int], dtype: str,
+                         attributes: dict[str, Any], codecs: list[dict[str, Any]]) -> None:
+        """Create (or replace) an array of ``dtype`` (a :data:`CARRIERS` key) written chunk by chunk."""
+
+    @abc.abstractmethod
+    def write_chunk(self, key: str, coords: Sequence[int], data: np.ndarray) -> None:
+        """Write one whole chunk of an array made by :meth:`create_raw_array` (synced by the next :meth:`sync`)."""
+
+    @abc.abstractmethod
+    def read_stored(self, key: str, region: Region) -> np.ndarray:
+        """``region`` of an array made by :meth:`create_raw_array`, in its :data:`CARRIERS` dtype."""
 
     def list_chunks(self, key: str) -> set[tuple[int, ...]]:
         """Grid coordinates of the chunks stored for the array at ``key``."""

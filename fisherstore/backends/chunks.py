@@ -6,6 +6,8 @@ than in an array library, lets the read path check everything a crafted or damag
 could get wrong *before* it costs memory: the file is read up to a bound, the checksum
 is checked, and a compressed chunk must declare exactly the chunk's size and decompress
 into a buffer of that size. A decompression bomb is an error, never an allocation.
+Chunks fisherstore writes itself (per-sample arrays, in any float dtype) are encoded here
+too, with the same chain.
 """
 
 from __future__ import annotations
@@ -24,10 +26,18 @@ _ZSTD_MAGIC = 0xFD2FB528
 
 @dataclass(frozen=True)
 class Chain:
-    """A chain this module decodes: an optional compressor, and whether a crc32c trails the data."""
+    """A chain this module encodes and decodes: an optional compressor, and whether a crc32c trails the data."""
 
     compressor: str | None  # None, "blosc" or "zstd"
     checksum: bool
+    config: tuple[tuple[str, Any], ...] = ()  # the compressor's configuration, as the array's header has it
+
+    def encode(self, raw: bytes | memoryview) -> bytes:
+        """A chunk's stored bytes from its raw little-endian bytes (what :meth:`decode` undoes)."""
+        data = bytes(raw) if self.compressor is None else _codec(self.compressor, dict(self.config)).encode(raw)
+        if self.checksum:
+            data = bytes(data) + crc32c.crc32c(data).to_bytes(4, "little")
+        return bytes(data)
 
     def max_stored(self, nbytes: int) -> int:
         """The most bytes a chunk of ``nbytes`` can take on disk (compressors' worst case, plus the crc)."""
@@ -66,15 +76,23 @@ def parse_chain(codecs: Any) -> Chain | None:
     if not rest:
         return Chain(None, checksum)
     if len(rest) == 1 and isinstance(rest[0], dict) and rest[0].get("name") in ("blosc", "zstd"):
-        return Chain(rest[0]["name"], checksum)
+        conf = rest[0].get("configuration") or {}
+        return Chain(rest[0]["name"], checksum, tuple(sorted(conf.items())) if isinstance(conf, dict) else ())
     return None
 
 
-def _codec(name: str) -> Any:
-    # Decoding needs no configuration: blosc and zstd frames describe themselves.
+def _codec(name: str, config: dict[str, Any] | None = None) -> Any:
+    # Decoding needs no configuration (blosc and zstd frames describe themselves); encoding
+    # takes the array header's: Zarr v3 spells blosc's shuffle as a word, numcodecs as a number.
     from numcodecs import Blosc, Zstd
 
-    return Blosc() if name == "blosc" else Zstd()
+    c = config or {}
+    if name == "zstd":
+        return Zstd(level=c.get("level", 1))
+    shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+    return Blosc(cname=c.get("cname", "lz4"), clevel=c.get("clevel", 5),
+                 shuffle=shuffle.get(c.get("shuffle", "noshuffle"), Blosc.NOSHUFFLE), typesize=c.get("typesize", 4),
+                 blocksize=c.get("blocksize", 0))
 
 
 def _declared_size(compressor: str, data: memoryview) -> int | None:

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from ..codecs import CodecSpec
-from ..errors import CorruptStoreError
+from ..errors import CorruptStoreError, InvalidArgumentError
 from ..format import DOC, chunk_key, doc_key
 from ..regions import Region, chunk_coords, chunk_overlap, region_shape
-from .base import ArrayBackend, ChunkError
+from .base import CARRIERS, ArrayBackend, ChunkError, raw_array_doc
 from .chunks import Chain, parse_chain
 from .files import TEMP_SUFFIX, LocalFiles
 
@@ -42,11 +42,20 @@ class DiskBackend(ArrayBackend):
 
     persistent = True
 
-    def __init__(self, root: str | None, *, read_only: bool, direct_reads: bool = True) -> None:
+    def __init__(self, root: str | None, *, read_only: bool, direct_reads: bool = True,
+                 storage_options: dict[str, Any] | None = None) -> None:
         if root is None:
             raise ValueError(f"backend {self.name!r} needs a path")
-        self.files = LocalFiles(root, read_only=read_only)
+        if root.startswith("s3://"):
+            from .objects import ObjectFiles
+
+            self.files: Any = ObjectFiles(root, read_only=read_only, storage_options=storage_options)
+        else:
+            if storage_options:
+                raise InvalidArgumentError("storage_options= is for s3:// locations; a local path takes none")
+            self.files = LocalFiles(root, read_only=read_only)
         super().__init__(self.files.root, read_only=read_only)
+        self.medium = self.files
         self.direct_reads = direct_reads
         self.chunk_files_read = 0  # chunk files read by the direct path (a statistic)
         self._meta: dict[str, dict[str, Any] | None] = {}  # array key -> direct-read metadata
@@ -93,6 +102,27 @@ class DiskBackend(ArrayBackend):
             return self._read_lib(self._handle(key), region)
         return self._read_direct(key, meta, chain, region)
 
+    def create_raw_array(self, key: str, shape: Sequence[int], chunks: Sequence[int], dtype: str,
+                         attributes: dict[str, Any], codecs: list[dict[str, Any]]) -> None:
+        self.files.check_writable()
+        self.files.check_no_links(key)
+        self._forget(key)
+        self.files.delete(key)
+        self.write_json(doc_key(key), raw_array_doc(shape, chunks, dtype, attributes, codecs), durable=False)
+
+    def write_chunk(self, key: str, coords: Sequence[int], data: np.ndarray) -> None:
+        meta = self.array_meta(key)
+        if meta is None or meta.get("chain") is None:
+            raise CorruptStoreError(f"array {key!r} has no header fisherstore can write chunks for")
+        raw = np.ascontiguousarray(data, dtype=CARRIERS[meta["data_type"]])
+        self.files.write(f"{key}/{chunk_key(coords)}", meta["chain"].encode(raw.data))
+
+    def read_stored(self, key: str, region: Region) -> np.ndarray:
+        meta = self.array_meta(key)
+        if meta is None or meta.get("chain") is None or meta["data_type"] not in CARRIERS:
+            raise CorruptStoreError(f"array {key!r} is not one fisherstore wrote (header {meta!r})")
+        return self._read_direct(key, meta, meta["chain"], region)
+
     def write(self, key: str, region: Region, data: np.ndarray) -> None:
         self.files.check_writable()
         codecs = self._codecs.get(key)
@@ -122,19 +152,18 @@ class DiskBackend(ArrayBackend):
 
     def _read_direct(self, key: str, meta: dict[str, Any], chain: Chain, region: Region) -> np.ndarray:
         chunks = meta["chunks"]
-        n = 4 * math.prod(chunks)
+        carrier = np.dtype(CARRIERS[meta["data_type"]])
+        n = carrier.itemsize * math.prod(chunks)
         limit = chain.max_stored(n)
         coords = chunk_coords(region, chunks)
         out = None
         for idx in coords:
             rel = chunk_key(idx)
-            path = self.files.path(f"{key}/{rel}")
+            path = self.files.url_of(f"{key}/{rel}")
             self.chunk_files_read += 1
-            try:
-                with open(path, "rb") as f:
-                    stored = f.read(limit + 1)
-            except FileNotFoundError:
-                raise ChunkError(errno.ENOENT, f"chunk file {rel} of {key!r} is missing", path, idx) from None
+            stored = self.files.read_bounded(f"{key}/{rel}", limit + 1)  # one read (one GET on S3)
+            if stored is None:
+                raise ChunkError(errno.ENOENT, f"chunk file {rel} of {key!r} is missing", path, idx)
             try:
                 if len(stored) > limit:
                     raise ValueError(f"it is larger than a chunk of {n} bytes can be ({limit})")
@@ -142,13 +171,13 @@ class DiskBackend(ArrayBackend):
             except ValueError as e:
                 raise ChunkError(errno.EIO, f"chunk {rel} of {key!r} is damaged: {e}", path, idx) from None
             src, dst = chunk_overlap(region, chunks, idx)
-            part = np.frombuffer(raw, dtype="<f4", count=n // 4).reshape(chunks)[src]
+            part = np.frombuffer(raw, dtype=carrier).reshape(chunks)[src]
             if len(coords) == 1:
                 return part  # one chunk: a view of its buffer, no copy
             if out is None:
-                out = np.empty(region_shape(region), dtype=np.float32)
+                out = np.empty(region_shape(region), dtype=carrier)
             out[dst] = part
-        return out if out is not None else np.zeros(region_shape(region), dtype=np.float32)
+        return out if out is not None else np.zeros(region_shape(region), dtype=carrier)
 
     # -- documents and tree ---------------------------------------------------------------------
     def read_json(self, key: str) -> dict[str, Any] | None:
@@ -219,7 +248,7 @@ class DiskBackend(ArrayBackend):
         self._handles.clear()
 
     def url(self, key: str) -> str:
-        return self.files.path(key)
+        return self.files.url_of(key)
 
     def io_counters(self) -> dict[str, int]:
         return {"chunk_files_read": self.chunk_files_read}

@@ -74,12 +74,14 @@ def _ignore_missing(func: Any, path: str, exc_info: Any) -> None:
 
 
 class LocalFiles:
-    """A directory as a store of bytes by key.
+    """A directory as a store of bytes by key (``kind = "file"``).
 
     Args:
         root: the directory (made absolute; created by :meth:`ensure` on first write).
         read_only: refuse every mutation with ``EROFS``.
     """
+
+    kind = "file"
 
     def __init__(self, root: str, *, read_only: bool) -> None:
         self.root = os.path.abspath(os.fspath(root))
@@ -169,6 +171,41 @@ class LocalFiles:
             raise
         if durable:
             _fsync_dir(d)
+
+    def read_bounded(self, key: str, limit: int) -> bytes | None:
+        """At most ``limit`` bytes of ``key`` (more would mean damage: the caller checks), or None if absent."""
+        try:
+            with open(self.path(key), "rb") as f:
+                return f.read(limit)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Create ``key`` only if absent (``O_EXCL``); False if it exists."""
+        self.check_writable()
+        path = self.path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def url_of(self, key: str) -> str:
+        return self.path(key)
+
+    def write(self, key: str, data: bytes) -> None:
+        """Write ``key`` in place, without a sync: for chunks no commit names yet (the flush syncs them)."""
+        self.check_writable()
+        path = self.path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
 
     def exists(self, key: str) -> bool:
         return os.path.exists(self.path(key))

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from ..codecs import CodecSpec
-from ..regions import Region, iter_grid
-from .base import ArrayBackend
+from ..regions import Region, chunk_region, iter_grid, region_shape
+from .base import CARRIERS, ArrayBackend
 
 __all__ = ["RamBackend"]
 
@@ -39,6 +39,21 @@ class RamBackend(ArrayBackend):
         self._docs[key + "/zarr.json"] = {"node_type": "array", "attributes": copy.deepcopy(attributes),
                                           "chunks": list(chunks)}
 
+    def create_raw_array(self, key: str, shape: Sequence[int], chunks: Sequence[int], dtype: str,
+                         attributes: dict[str, Any], codecs: list[dict[str, Any]]) -> None:
+        self.delete(key)
+        self._arrays[key] = np.zeros(tuple(shape), dtype=CARRIERS[dtype])
+        self._docs[key + "/zarr.json"] = {"node_type": "array", "attributes": copy.deepcopy(attributes),
+                                          "chunks": list(chunks), "data_type": dtype}
+
+    def write_chunk(self, key: str, coords: Sequence[int], data: np.ndarray) -> None:
+        a = self._arrays[key]
+        region = chunk_region(coords, a.shape, self._docs[key + "/zarr.json"]["chunks"])
+        a[region] = np.asarray(data, dtype=a.dtype).reshape(region_shape(region))
+
+    def read_stored(self, key: str, region: Region) -> np.ndarray:
+        return self._arrays[key][region].copy()
+
     def list_chunks(self, key: str) -> set[tuple[int, ...]]:
         a = self._arrays.get(key)
         doc = self._docs.get(key + "/zarr.json") or {}
@@ -48,7 +63,8 @@ class RamBackend(ArrayBackend):
         a = self._arrays.get(key)
         if a is None:
             return None
-        return {"data_type": "float32", "shape": a.shape, "chunks": tuple(self._docs[key + "/zarr.json"]["chunks"])}
+        doc = self._docs[key + "/zarr.json"]
+        return {"data_type": doc.get("data_type", "float32"), "shape": a.shape, "chunks": tuple(doc["chunks"])}
 
     def read(self, key: str, region: Region) -> np.ndarray:
         return self._arrays[key][region].copy()

@@ -12,6 +12,7 @@ import tensorstore as ts
 
 from ..codecs import CodecSpec
 from ..regions import Region
+from .dims import array_dimension_names
 from .disk import DiskBackend
 
 __all__ = ["TensorStoreBackend"]
@@ -32,7 +33,18 @@ class TensorStoreBackend(DiskBackend):
         self._ctx = ts.Context({"file_io_sync": bool(file_io_sync), "cache_pool": {"total_bytes_limit": 0}})
 
     def _kvstore(self, key: str) -> dict[str, Any]:
-        return {"driver": "file", "path": self.files.path(key) + "/"}
+        if self.files.kind != "s3":
+            return {"driver": "file", "path": self.files.path(key) + "/"}
+        # TensorStore's own S3 client: endpoint and region from the same settings as the medium's;
+        # credentials from its AWS chain (the AWS_* environment variables first).
+        o = self.files.options
+        spec: dict[str, Any] = {"driver": "s3", "bucket": self.files.bucket,
+                                "path": "/".join(p for p in (self.files.prefix, self.files.path(key)) if p) + "/"}
+        if o.get("endpoint"):
+            spec["endpoint"] = o["endpoint"]
+        if o.get("region"):
+            spec["aws_region"] = o["region"]
+        return spec
 
     def _create(self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any],
                 codecs: CodecSpec) -> ts.TensorStore:
@@ -48,6 +60,7 @@ class TensorStoreBackend(DiskBackend):
                 "codecs": codecs.json_codecs(),
                 "fill_value": 0.0,
                 "attributes": attributes,
+                "dimension_names": list(array_dimension_names(len(shape), attributes)),  # xarray needs them
             },
             # Write every chunk, zeros included (as the zarr backend does).
             "store_data_equal_to_fill_value": True,
@@ -73,8 +86,15 @@ _OS_PATH = re.compile(r'local file "([^"]+)"')
 
 @contextmanager
 def _os_errors() -> Iterator[None]:
-    """TensorStore reports a full disk as ``ValueError: RESOURCE_EXHAUSTED ... os_error_code='28'``;
-    re-raise OS-level failures as ``OSError`` so the store handles both backends alike."""
+    """TensorStore reports a full disk as ``ValueError: RESOURCE_EXHAUSTED ... [os_error_code='28']``;
+    re-raise OS-level failures as ``OSError`` so the store handles both backends alike.
+
+    Why a regex: TensorStore's Python binding turns an absl ``Status`` into a plain
+    ``ValueError`` whose only content is the message; the errno travels as the status
+    payload ``os_error_code``, which absl renders into that text (TensorStore 0.1.86: no
+    attribute, no ``args`` entry, no notes). So the message is the one structured place
+    it is in; ``tests/test_trust.py`` fills a real (tmpfs) disk to keep this honest.
+    """
     try:
         yield
     except ValueError as e:

@@ -1,4 +1,5 @@
-"""zarr-python v3 backend (LocalStore): atomic chunk writes by temp file and rename."""
+"""zarr-python v3 backend: LocalStore on a directory (atomic chunk writes by temp file and
+rename), ObjectStore (obstore) on ``s3://`` (a PUT is atomic)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from zarr.storage import LocalStore
 
 from ..codecs import CodecSpec
 from ..regions import Region
+from .dims import array_dimension_names
 from .disk import DiskBackend
 
 __all__ = ["ZarrBackend"]
@@ -37,7 +39,12 @@ class ZarrBackend(DiskBackend):
         if self._zstore is None:
             if not self.read_only:
                 self.ensure_root()
-            st: Store = LocalStore(self.location, read_only=self.read_only)
+            if self.files.kind == "s3":  # the same obstore client the medium uses
+                from zarr.storage import ObjectStore
+
+                st: Store = ObjectStore(self.files.store, read_only=self.read_only)
+            else:
+                st = LocalStore(self.location, read_only=self.read_only)
             self._zstore = self._store_wrapper(st) if self._store_wrapper else st
         return self._zstore
 
@@ -51,6 +58,7 @@ class ZarrBackend(DiskBackend):
             dtype="float32",
             fill_value=0.0,
             attributes=attributes,
+            dimension_names=array_dimension_names(len(shape), attributes),  # xarray opens only named arrays
             zarr_format=3,
             overwrite=True,
             # Every chunk gets a file, so a missing file is damage that verify can see,

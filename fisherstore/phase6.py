@@ -1,0 +1,251 @@
+"""Phase 6 out of core: every (layer, head, block) read straight from a store, within a budget.
+
+The QK-OV heat map needs, per (layer, head, block), task A's contributions ``C_i =
+g_i²/T_i`` over the block, task B's ``|g_j|/T_j`` over it, and a Fisher block (the EMA
+one, or the contribution one ``mean_i C_i``). :func:`block_inputs` reads them block by
+block on a few threads, keeping as many blocks in flight as the memory budget allows, so
+the disk never waits for the matmul and the matmul never waits for the disk. A GQA key /
+value block is read once for all the query heads that share it.
+
+:func:`compare_fishers` and :func:`plot_comparison` set the EMA Fisher (Option 2) beside
+the contribution Fisher (Option 1) per (layer, head, block): rank correlation and mass
+ratio, as data and as a picture.
+
+Usage::
+
+    from fisherstore.qkov import QKOVIndexer, QKOVInterference
+    qk = QKOVInterference(QKOVIndexer.from_store(store, "math"))
+    heat = qk.heatmap_from_store(store, "math", "code", fisher="contribution")
+    rows = compare_fishers(store, "math")            # [{"layer", "head", "block", "spearman", "mass_ratio"}, ...]
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InvalidArgumentError
+from .regions import Region, region_shape
+
+__all__ = ["BlockJob", "plan_blocks", "block_inputs", "heatmap_from_store", "top_conflicts", "compare_fishers",
+           "plot_comparison", "FISHERS"]
+
+FISHERS = ("ema", "contribution")
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """One block to read: the parameter, its region, and the query heads (positions in ``heads``) it scores."""
+
+    layer: Any
+    layer_pos: int
+    block: str
+    name: str
+    region: Region
+    head_pos: tuple[int, ...]
+
+
+def plan_blocks(indexer: Any, layers: Sequence[Any], heads: Sequence[int], blocks: Sequence[str]) -> list[BlockJob]:
+    """The distinct blocks of (layers × heads × blocks): query heads sharing a K/V block share one job."""
+    jobs = []
+    for b in blocks:
+        for li, layer in enumerate(layers):
+            by_region: dict[tuple, list[int]] = {}
+            for hi, h in enumerate(heads):
+                sl = indexer.block_slice(layer, h, b)
+                by_region.setdefault((sl.param_name, sl.rows.start, sl.rows.stop, sl.cols.start, sl.cols.stop),
+                                     []).append(hi)
+            for (name, *_), pos in by_region.items():
+                sl = indexer.block_slice(layer, heads[pos[0]], b)
+                jobs.append(BlockJob(layer, li, b, name, (sl.rows, sl.cols), tuple(pos)))
+    return jobs
+
+
+def block_inputs(store: Any, jobs: Sequence[BlockJob], task_a: str, task_b: str, fisher: str,
+                 fisher_task: str | None, memory_budget: int, workers: int = 4
+                 ) -> Iterator[tuple[BlockJob, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(job, C [n_a, *block], |G| [n_b, *block], Fisher [*block])`` for each job, reading ahead.
+
+    ``C = g_a²/T_a`` and ``|G| = |g_b|/T_b`` in fp32; the Fisher is the EMA of
+    ``fisher_task`` (default task A) or its contribution Fisher. Blocks in flight are
+    bounded by ``memory_budget``.
+    """
+    if fisher not in FISHERS:
+        raise InvalidArgumentError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    fisher_task = fisher_task or task_a
+    n_a, n_b = len(store.sample_ids(task_a)), len(store.sample_ids(task_b))
+    if not n_a or not n_b:
+        empty = task_a if not n_a else task_b
+        raise InvalidArgumentError(f"task {empty!r} has no per-sample gradients; collect them first "
+                                   "(FisherCollector.collect_samples)")
+
+    def read(job: BlockJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        region = _bounded(job.region, store.param(task_a, job.name).shape)
+        C = store.samples(task_a, job.name).contributions(region=region)
+        G = store.samples(task_b, job.name).signed(region=region).abs_()
+        if fisher == "ema":
+            F = store.fisher(fisher_task, job.name)[region]
+        elif fisher_task == task_a:
+            F = C.mean(0)  # the contribution Fisher of A over this block: no second read
+        else:
+            F = store.samples(fisher_task, job.name).contributions(region=region).mean(0)
+        return C, G, F
+
+    if not jobs:
+        return
+    per_job = max(4 * (n_a + n_b + 1) * _numel(jobs[0].region, store.param(task_a, jobs[0].name).shape), 1)
+    window = max(1, min(2 * workers, memory_budget // per_job))
+    with ThreadPoolExecutor(max(1, min(workers, window)), thread_name_prefix="fisherstore-phase6") as ex:
+        pending: deque = deque()
+        it = iter(jobs)
+        for job in itertools.islice(it, window):
+            pending.append((job, ex.submit(read, job)))
+        while pending:
+            job, fut = pending.popleft()
+            C, G, F = fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, ex.submit(read, nxt)))
+            yield job, C, G, F
+
+
+def heatmap_from_store(qk: Any, store: Any, task_a: str, task_b: str, fisher: str = "ema",
+                       fisher_task: str | None = None, layers: Sequence[Any] | None = None,
+                       heads: Sequence[int] | None = None, blocks: Sequence[str] = "QKVO",
+                       memory_budget: int | None = None, device: Any = None, top_k: int = 100,
+                       progress: bool | None = None) -> dict[str, Any]:
+    """The QK-OV heat map of ``qk`` (a :class:`~fisherstore.qkov.QKOVInterference`) straight from ``store``.
+
+    Same content and shape as ``qk.heatmap``: per block ``scores[b]`` [n_a, n_b, L, H],
+    ``out[b]`` the [L, H] mean over pairs, ``top_conflicts[b]`` with sample ids; plus
+    ``layers``, ``heads``, ``sample_ids``. One matmul per distinct block, on ``device``.
+    """
+    from .progress import progress_bar
+
+    layers = list(qk.indexer.layers if layers is None else layers)
+    heads = list(range(qk.indexer.num_heads) if heads is None else heads)
+    blocks = [b.upper() for b in blocks]
+    budget = memory_budget if memory_budget is not None else store.memory_budget or (1 << 30)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    ids_a, ids_b = store.sample_ids(task_a), store.sample_ids(task_b)
+    scores = {b: torch.zeros(len(ids_a), len(ids_b), len(layers), len(heads), dtype=torch.float64) for b in blocks}
+    jobs = plan_blocks(qk.indexer, layers, heads, blocks)
+    with progress_bar(len(jobs), progress, "QK-OV blocks", unit="block") as bar:
+        for job, C, G, F in block_inputs(store, jobs, task_a, task_b, fisher, fisher_task, budget):
+            den, _ = qk.denominator(F.to(device))
+            s = (C.to(device).reshape(len(ids_a), -1) / den.reshape(1, -1)) @ G.to(device).reshape(len(ids_b), -1).T
+            s = s.to("cpu", torch.float64)
+            for hi in job.head_pos:  # a K/V block scores every query head of its group alike
+                scores[job.block][:, :, job.layer_pos, hi] = s
+            bar.update(1)
+    out: dict[str, Any] = {"layers": layers, "heads": heads, "scores": scores, "sample_ids": (ids_a, ids_b),
+                           "top_conflicts": {b: top_conflicts(scores[b], layers, heads, ids_a, ids_b, top_k) for b in blocks}}
+    for b in blocks:
+        out[b] = scores[b].mean(dim=(0, 1)).numpy()
+    return out
+
+
+def top_conflicts(scores: torch.Tensor, layers: Sequence[Any], heads: Sequence[int], ids_a: Sequence[Any],
+                  ids_b: Sequence[Any], k: int = 100) -> list[dict[str, Any]]:
+    """The ``k`` largest scores of one block's [n_a, n_b, L, H] tensor, as records with sample ids."""
+    flat = scores.reshape(-1)
+    top = torch.topk(flat, min(k, flat.numel()))
+    out = []
+    for v, idx in zip(top.values.tolist(), top.indices.tolist()):
+        i, j, li, hi = (int(x) for x in torch.unravel_index(torch.tensor(idx), scores.shape))
+        out.append({"sample_i": ids_a[i], "sample_j": ids_b[j], "layer": layers[li], "head": heads[hi], "score": v})
+    return out
+
+
+def _bounded(region: Region, shape: Sequence[int]) -> Region:
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, shape))
+
+
+def _numel(region: Region, shape: Sequence[int]) -> int:
+    return int(torch.Size(region_shape(_bounded(region, shape))).numel())
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two flattened tensors (ties broken by position)."""
+    ra = torch.empty(a.numel(), dtype=torch.float64)
+    rb = torch.empty(b.numel(), dtype=torch.float64)
+    ra[a.reshape(-1).argsort()] = torch.arange(a.numel(), dtype=torch.float64)
+    rb[b.reshape(-1).argsort()] = torch.arange(b.numel(), dtype=torch.float64)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float(ra @ rb) / den if den else float("nan")
+
+
+def compare_fishers(store: Any, task: str, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The EMA Fisher beside the contribution Fisher of ``task``, per (param, head, block).
+
+    Each row: ``param``, ``layer`` (as the parameter name's layer key), ``head``, ``block``,
+    ``spearman`` (rank correlation of the two blocks' elements), ``mass_ema``,
+    ``mass_contribution`` and ``mass_ratio`` (contribution / EMA). Reads block by block.
+    """
+    from .models import layer_keys
+
+    names = list(names) if names is not None else [
+        n for n in store.params(task) if (store.layout(task, n) or None) is not None and store.layout(task, n).has_heads
+        and not n.endswith("bias")]
+    keys = layer_keys(names)
+    rows = []
+    for name in names:
+        layout = store.layout(task, name)
+        ema, contrib = store.fisher(task, name), store.contribution_fisher(task, name)
+        for b in layout.blocks:
+            step = layout.group_size if b in "KV" else 1
+            for h in range(0, layout.num_heads, step):
+                e, c = ema.head(h, b), contrib.head(h, b)
+                me, mc = float(e.sum(dtype=torch.float64)), float(c.sum(dtype=torch.float64))
+                rows.append({"param": name, "layer": keys.get(name), "head": h, "block": b,
+                             "spearman": _spearman(e, c), "mass_ema": me, "mass_contribution": mc,
+                             "mass_ratio": mc / me if me else float("nan")})
+    return rows
+
+
+def plot_comparison(rows: Sequence[dict[str, Any]], path: str, title: str = "EMA vs contribution Fisher") -> str:
+    """Per block, a [layer × head] picture of the rank correlation and of log₁₀ of the mass ratio (PNG)."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    blocks = [b for b in "QKVO" if any(r["block"] == b for r in rows)]
+    layers = sorted({r["layer"] for r in rows}, key=lambda k: (isinstance(k, str), k))
+    heads = sorted({r["head"] for r in rows})
+    fig, axes = plt.subplots(2, len(blocks), figsize=(3.2 * len(blocks), 5.6), dpi=100, squeeze=False)
+    for col, b in enumerate(blocks):
+        for row, (field, label, cmap, vmin, vmax) in enumerate((("spearman", "rank corr.", "viridis", -1, 1),
+                                                              ("mass_ratio", "log10 mass ratio", "coolwarm", None, None))):
+            grid = np.full((len(layers), len(heads)), np.nan)
+            for r in rows:
+                if r["block"] == b:
+                    v = r[field]
+                    grid[layers.index(r["layer"]), heads.index(r["head"])] = (
+                        math.log10(v) if field == "mass_ratio" and v and v > 0 else v)
+            if field == "mass_ratio":
+                lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+                vmin, vmax = -lim or -1, lim or 1
+            ax = axes[row][col]
+            im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
+            ax.set_title(f"{b}: {label}")
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            ax.set_yticks(range(len(layers)), [str(v) for v in layers])
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,424 @@
+"""Per-sample gradients in the store: Phase 6's inputs, out of core (DESIGN §8).
+
+For each (task, parameter) the store keeps the **signed** gradient of each sample's
+token-summed loss, ``g_i``, with its token count ``T_i`` and a stable id. Samples arrive
+in *segments* (one :class:`SampleBatch`, usually one ``collect_samples`` call): each
+parameter's part of a segment is one Zarr v3 array ``<param>/s<id>`` of shape
+``[n, *param_shape]``, chunked one sample by one head block, in the gradient's own dtype
+(a bf16 model's gradients stay bf16, losslessly). A segment is committed by the next
+flush, like a step; a crash loses only segments no commit names.
+
+``C_i = g_i² / T_i`` (the per-sample contribution) is computed when read, never stored.
+
+Usage::
+
+    with store.begin_samples("math", names, n=8) as sb:       # usually via FisherCollector.collect_samples
+        sb.add(0, "model.layers.0.self_attn.q_proj.weight", grad)
+        sb.set_tokens(0, 37)
+    store.flush()
+    S = store.samples("math", "model.layers.0.self_attn.q_proj.weight")   # lazy [n, *shape]
+    S.head(5, "Q")                   # [n, d, in]: one chunk per sample
+    S.contributions(5, "Q")          # C_i over the same block, fp32
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backends import ArrayBackend
+from .catalog import Catalog, ParamState, TaskState
+from .errors import (
+    CorruptChunkError,
+    FisherStoreError,
+    InvalidArgumentError,
+    InvalidGradientError,
+    NonFiniteGradientError,
+    ShapeMismatchError,
+    StepError,
+    StorageError,
+    UnknownParamError,
+)
+from .format import sample_attributes, sample_key
+from .iopool import IOPool, wait_all
+from .layout import ParamLayout
+from .manifest import SAMPLE_DTYPES, SampleSegment
+from .regions import Region, chunk_region, full_region, iter_grid, region_nbytes, region_shape
+
+__all__ = ["SampleBatch", "LazySamples", "ContributionSource", "TORCH_DTYPES"]
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+#: The relative rounding error of storing fp32 gradients in a narrower dtype (round to nearest).
+LOSSY_BOUND = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+
+
+def _to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.require(a, requirements=["C", "W"]))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def _to_carrier(x: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's values as numpy holds them on disk (bfloat16 by its bits)."""
+    x = x.contiguous()
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(np.uint16)
+    return x.numpy()
+
+
+class SampleBatch:
+    """Writes one segment of ``n`` samples' gradients; use as a context manager.
+
+    Each :meth:`add` copies one sample's gradient of one parameter and writes its head-block
+    chunks on the store's I/O pool, so at most the pool's queue bound is held. Leaving the
+    ``with`` block settles the segment: every (sample, parameter) must have been added once;
+    then it joins the task's uncommitted segments, and the next flush commits it. A block
+    that raises, or a failed write, discards the segment whole.
+
+    Args:
+        dtype: the stored dtype. None (default): the gradients' own dtype (they must all
+            share it). ``"bfloat16"``/``"float16"`` store fp32 gradients rounded, with a
+            relative error of at most 2⁻⁸ / 2⁻¹¹ (float16 also refuses values beyond its range).
+    """
+
+    def __init__(self, backend: ArrayBackend, pool: IOPool, lock: threading.RLock, task: TaskState,
+                 names: Sequence[str], n: int, segment: int, ids: Sequence[str], codecs: list[dict[str, Any]],
+                 dtype: str | None, on_end: Callable[[SampleBatch], None]) -> None:
+        self.backend, self.pool, self.lock, self.task = backend, pool, lock, task
+        self.names, self.n, self.segment, self.ids = list(names), n, segment, list(ids)
+        self.codecs, self.dtype, self.lossy = codecs, dtype, dtype is not None
+        self.tokens: list[int | None] = [None] * n
+        self._done: dict[str, np.ndarray] = {name: np.zeros(n, dtype=bool) for name in self.names}
+        self._created: set[str] = set()
+        self._futures: list[Future] = []
+        self._on_end = on_end
+        self.state = "open"
+
+    def __enter__(self) -> SampleBatch:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self.state != "open":
+            return
+        if exc_type is not None:
+            self.discard()
+            return
+        self.settle()
+
+    def __repr__(self) -> str:
+        return f"<SampleBatch task={self.task.name!r} segment={self.segment} n={self.n} {self.state}>"
+
+    def set_tokens(self, i: int, tokens: int) -> None:
+        """Sample ``i``'s token count ``T_i`` (the tokens its loss sums over)."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise InvalidArgumentError(f"tokens of sample {i} must be an int >= 0, got {tokens!r}")
+        self.tokens[self._index(i)] = tokens
+
+    def add(self, i: int, name: str, grad: torch.Tensor) -> None:
+        """Sample ``i``'s signed gradient of parameter ``name`` (zeros for a parameter the sample did not reach)."""
+        if self.state != "open":
+            raise StepError(f"sample segment {self.segment} of task {self.task.name!r} is {self.state}")
+        i = self._index(i)
+        p = self.task.params.get(name)
+        if p is None or name not in self._done:
+            raise UnknownParamError(f"parameter {name!r} is not part of this sample segment ({len(self.names)} "
+                                    "parameters); pass it to begin_samples")
+        if self._done[name][i]:
+            raise StepError(f"sample {i} of parameter {name!r} was added twice")
+        x = self._check(p, grad)
+        if name not in self._created:
+            shape, chunks = (self.n, *p.shape), (1, *p.chunks)
+            try:
+                self.backend.create_raw_array(sample_key(p.key, self.segment), shape, chunks, self.dtype,
+                                              sample_attributes(p.name, p.layout, pending=True), self.codecs)
+            except OSError as e:
+                raise self._storage_error(e) from e
+            self._created.add(name)
+        # Our own host copy, so the caller's buffer may be reused as soon as add() returns.
+        host = x.to(device="cpu", dtype=TORCH_DTYPES[self.dtype], copy=True)
+        self._futures.append(self.pool.submit(host.numel() * host.element_size(), self._write, p, i, host))
+        self._done[name][i] = True
+
+    def _index(self, i: int) -> int:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n:
+            raise InvalidArgumentError(f"sample index {i!r} is out of range for a segment of {self.n}")
+        return i
+
+    def _check(self, p: ParamState, grad: torch.Tensor) -> torch.Tensor:
+        if not isinstance(grad, torch.Tensor) or not grad.is_floating_point() or grad.is_complex():
+            raise InvalidGradientError(f"gradient of {p.name!r} must be a real floating-point tensor, got "
+                                       f"{getattr(grad, 'dtype', type(grad).__name__)}")
+        if tuple(grad.shape) != p.shape:
+            raise ShapeMismatchError(f"gradient of {p.name!r} has shape {tuple(grad.shape)}; the parameter has "
+                                     f"{p.shape}")
+        if grad.layout != torch.strided:
+            grad = grad.to_dense()
+        if self.dtype is None:
+            name = _NAMES.get(grad.dtype)
+            if name is None:
+                raise InvalidGradientError(
+                    f"gradient of {p.name!r} is {grad.dtype}, which per-sample arrays do not store as it is; pass "
+                    "dtype='float32' to begin_samples to store it rounded to fp32")
+            self.dtype = name
+        elif not self.lossy and TORCH_DTYPES[self.dtype] != grad.dtype:
+            raise InvalidGradientError(
+                f"gradient of {p.name!r} is {grad.dtype} but this segment stores {self.dtype}: one segment holds "
+                "one dtype. Pass dtype= to begin_samples to convert (a narrower dtype rounds, see its bound)")
+        return grad.detach()
+
+    def _write(self, p: ParamState, i: int, host: torch.Tensor) -> None:
+        """Worker: sample ``i``'s chunks of ``p``, checked finite (a NaN would poison every score)."""
+        if not bool(torch.isfinite(host).all()):
+            raise NonFiniteGradientError(
+                f"sample {i}'s gradient of {p.name!r} has NaN or Inf values (stored as {self.dtype}); the segment "
+                "is discarded. Check the loss scale, or store float32")
+        carrier = _to_carrier(host)
+        key = sample_key(p.key, self.segment)
+        for coords in iter_grid(p.shape, p.chunks):
+            region = chunk_region(coords, p.shape, p.chunks)
+            self.backend.write_chunk(key, (i, *coords), carrier[region])
+
+    def settle(self) -> None:
+        """Wait for the writes; then the segment joins the task's uncommitted ones (or is discarded, raising)."""
+        exc = wait_all(self._futures)
+        missing = [(name, int(np.flatnonzero(~d)[0])) for name, d in self._done.items() if not d.all()]
+        no_tokens = [i for i, t in enumerate(self.tokens) if t is None]
+        if exc is not None or missing or no_tokens:
+            self.discard()
+            if exc is not None:
+                raise (self._storage_error(exc) if isinstance(exc, OSError) and not isinstance(exc, FisherStoreError)
+                       else exc) from exc
+            what = (f"sample {missing[0][1]} of parameter {missing[0][0]!r} was never added" if missing
+                    else f"sample {no_tokens[0]} has no token count (set_tokens)")
+            raise StepError(f"sample segment {self.segment} of task {self.task.name!r} is incomplete: {what}; "
+                            "it was discarded")
+        seg = SampleSegment(self.segment, self.n, tuple(self.tokens), tuple(self.ids), self.dtype or "float32",
+                            tuple(self.names))
+        with self.lock:
+            self.task.new_samples.append(seg)
+        self.state = "settled"
+        self._on_end(self)
+
+    def discard(self) -> None:
+        """Drop the segment whole (its arrays are deleted). Safe to call twice."""
+        if self.state != "open":
+            return
+        self.state = "discarded"
+        wait_all(self._futures)
+        for name in self._created:
+            try:
+                self.backend.delete(sample_key(self.task.params[name].key, self.segment))
+            except OSError:
+                pass  # an uncommitted segment left behind is removed by the next writer
+        self._on_end(self)
+
+    def _storage_error(self, e: BaseException) -> StorageError:
+        return StorageError(getattr(e, "errno", None),
+                            f"sample segment {self.segment} of task {self.task.name!r} failed while writing "
+                            f"({type(e).__name__}: {e}); it was discarded whole and the task keeps its committed "
+                            "samples. Fix the cause (disk space, permissions) and collect the samples again.")
+
+
+class LazySamples:
+    """A lazy ``[n, *param_shape]`` view of one parameter's per-sample gradients; get one from ``store.samples``.
+
+    Indexing reads only the chunks it touches: ``S[i]`` is sample i's whole gradient,
+    ``S[:, rows, cols]`` every sample's block, :meth:`head` one head block of every sample.
+    Values come back in the stored dtype; :meth:`contributions` gives ``C_i = g_i²/T_i``
+    in fp32 and :meth:`signed` ``g_i/T_i`` in fp32.
+    """
+
+    def __init__(self, backend: ArrayBackend, task: TaskState, p: ParamState, segments: Sequence[SampleSegment]):
+        self._backend, self._task, self._p = backend, task, p
+        self._segments = [s for s in segments if p.name in s.params]
+        self.name = p.name
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((sum(s.n for s in self._segments), *self._p.shape))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        dtypes = {TORCH_DTYPES[s.dtype] for s in self._segments}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+    @property
+    def layout(self) -> ParamLayout | None:
+        return self._p.layout
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return torch.tensor([t for s in self._segments for t in s.tokens], dtype=torch.long)
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for s in self._segments for i in s.ids]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return (f"LazySamples(task={self._task.name!r}, name={self.name!r}, shape={tuple(self.shape)}, "
+                f"dtype={self.dtype}, segments={len(self._segments)})")
+
+    def read(self, samples: Sequence[int] | slice | None = None, region: Region | None = None) -> torch.Tensor:
+        """Samples ``samples`` (indices or a slice; None: all) over ``region`` of the parameter, stored dtype."""
+        region = full_region(self._p.shape) if region is None else region
+        n = len(self)
+        idx = range(n)[samples] if isinstance(samples, slice) else (range(n) if samples is None else samples)
+        idx = [int(i) for i in idx]
+        if any(not 0 <= i < n for i in idx):
+            raise InvalidArgumentError(f"sample index out of range for {n} samples of {self.name!r}")
+        parts: list[torch.Tensor] = []
+        start = 0
+        for seg in self._segments:  # each segment's wanted samples, in order, one read each
+            mine = [i - start for i in idx if start <= i < start + seg.n]
+            start += seg.n
+            if not mine:
+                continue
+            lo, hi = min(mine), max(mine) + 1
+            a = self._read(seg, (slice(lo, hi), *region))
+            parts.append(a if hi - lo == len(mine) and mine == list(range(lo, hi)) else a[[m - lo for m in mine]])
+        if not parts:
+            return torch.zeros((0, *region_shape(region)), dtype=self.dtype)
+        out = parts[0] if len(parts) == 1 else torch.cat([p.to(self.dtype) for p in parts])
+        # keep the caller's order when indices cross segments out of order
+        if idx != sorted(idx):
+            order = sorted(range(len(idx)), key=idx.__getitem__)
+            out = out[torch.argsort(torch.tensor(order))]
+        return out
+
+    def _read(self, seg: SampleSegment, region: Region) -> torch.Tensor:
+        key = sample_key(self._p.key, seg.id)
+        try:
+            a = self._backend.read_stored(key, region)
+        except FisherStoreError:
+            raise
+        except Exception as e:
+            raise CorruptChunkError(
+                f"cannot read the per-sample gradients of task {self._task.name!r}, parameter {self.name!r} "
+                f"(segment {seg.id}): {type(e).__name__}: {e}. Run `fisherstore verify`.") from e
+        return _to_torch(a, seg.dtype)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        """``S[samples, *param_index]``: samples an int, slice or list; the parameter axes ints or slices (step 1)."""
+        key = key if isinstance(key, tuple) else (key,)
+        first, rest = key[0], key[1:]
+        if len(rest) > len(self._p.shape):
+            raise InvalidArgumentError(f"too many indices for {self.name!r}: [sample, {len(self._p.shape)} axes]")
+        region, squeeze = [], []
+        for ax, (k, n) in enumerate(zip(rest + (slice(None),) * (len(self._p.shape) - len(rest)), self._p.shape)):
+            if isinstance(k, int) and not isinstance(k, bool) and -n <= k < n:
+                region.append(slice(k % n, k % n + 1))
+                squeeze.append(ax + 1)
+            elif isinstance(k, slice) and k.step in (None, 1):
+                region.append(slice(*k.indices(n)[:2]))
+            else:
+                raise InvalidArgumentError(f"LazySamples indexes the parameter axes with ints or slices of step 1, "
+                                           f"got {k!r}; read a larger block and index it in memory")
+        out = self.read([first] if isinstance(first, int) else first if isinstance(first, (slice, list, tuple))
+                        else None, tuple(region))
+        if isinstance(first, int):
+            squeeze.insert(0, 0)
+        return out[tuple(0 if d in squeeze else slice(None) for d in range(out.ndim))]
+
+    def head(self, head: int, block: str, samples: Sequence[int] | slice | None = None) -> torch.Tensor:
+        """Every sample's (head, block) slice: ``[n, *block_shape]``, one chunk per sample."""
+        layout = self._p.layout
+        if layout is None or not layout.has_heads:
+            raise InvalidArgumentError(f"parameter {self.name!r} has no head layout")
+        idx = layout.head_index(head, block, len(self._p.shape))
+        return self.read(samples, tuple(slice(*s.indices(n)[:2]) for s, n in zip(idx, self._p.shape)))
+
+    def contributions(self, head: int | None = None, block: str | None = None,
+                      region: Region | None = None) -> torch.Tensor:
+        """``C_i = g_i² / max(T_i, 1)`` over a head block or a region (all of it by default), fp32."""
+        g = self.head(head, block) if head is not None else self.read(None, region)
+        t = self.tokens.clamp_min(1).to(torch.float32)
+        return g.to(torch.float32).square_().div_(t.view(-1, *[1] * (g.ndim - 1)))
+
+    def signed(self, head: int | None = None, block: str | None = None,
+               region: Region | None = None) -> torch.Tensor:
+        """``g_i / max(T_i, 1)``, the gradient of each sample's token-mean loss, over a head block or region, fp32."""
+        g = self.head(head, block) if head is not None else self.read(None, region)
+        t = self.tokens.clamp_min(1).to(torch.float32)
+        return g.to(torch.float32).div_(t.view(-1, *[1] * (g.ndim - 1)))
+
+
+class ContributionSource:
+    """The contribution-based Fisher of a task (the seed's Option 1): ``Î = mean_i C_i``, read lazily.
+
+    A :class:`~fisherstore.lazy.FisherSource`, so ``LazyFisher(ContributionSource(...), task, name)``
+    slices and head-indexes it like the EMA Fisher. A read streams the task's samples over
+    the requested region in batches that fit ``memory_budget``, summing in fp64: out of core.
+    """
+
+    backend_name = "contribution"
+
+    def __init__(self, samples: Callable[[str, str], LazySamples], info: Callable[[str, str], Any],
+                 revision: Callable[[str], Hashable], memory_budget: int) -> None:
+        self._samples, self._info, self._revision = samples, info, revision
+        self.memory_budget = max(1, memory_budget)
+
+    def param(self, task: str, name: str) -> Any:
+        return self._info(task, name)
+
+    def step(self, task: str) -> int:
+        return 0
+
+    def revision(self, task: str) -> Hashable:
+        return ("contribution", self._revision(task))
+
+    def read(self, task: str, name: str, region: Region | None = None, *, bias_corrected: bool = True) -> torch.Tensor:
+        S = self._samples(task, name)
+        region = full_region(S.shape[1:]) if region is None else region
+        n = len(S)
+        if n == 0:
+            raise InvalidArgumentError(f"task {task!r} has no per-sample gradients of {name!r}; collect some "
+                                       "(FisherCollector.collect_samples) before asking for its contribution Fisher")
+        per = max(1, self.memory_budget // max(1, 3 * region_nbytes(region)))
+        total = torch.zeros(region_shape(region), dtype=torch.float64)
+        t = S.tokens.clamp_min(1).to(torch.float64)
+        for a in range(0, n, per):
+            g = S.read(slice(a, min(a + per, n)), region).to(torch.float64)
+            total += g.square_().div_(t[a:a + per].view(-1, *[1] * (g.ndim - 1))).sum(0)
+        return (total / n).to(torch.float32)
+
+    def iter_heads(self, task: str, names: Sequence[str] | None = None, block: str | None = None,
+                   workers: int = 4, *, bias_corrected: bool = True) -> Iterator[tuple[str, int, str, torch.Tensor]]:
+        for name in names or []:
+            layout = self._info(task, name).layout
+            for b in [block.upper()] if block else list(layout.blocks):
+                step = layout.group_size if b in "KV" else 1
+                for h in range(0, layout.num_heads, step):
+                    idx = layout.head_index(h, b, len(self._info(task, name).shape))
+                    shape = self._info(task, name).shape
+                    yield name, h, b, self.read(task, name, tuple(slice(*s.indices(m)[:2]) for s, m in zip(idx, shape)))
+
+
+def samples_of(catalog: Catalog, task: str) -> list[SampleSegment]:
+    """A task's segments: committed ones, then the writer's uncommitted ones (what its readers see)."""
+    t = catalog.task(task)
+    return [*t.samples, *t.new_samples]
+
+
+def check_dtype(dtype: str | None) -> str | None:
+    if dtype is not None and dtype not in SAMPLE_DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {SAMPLE_DTYPES} or None (the gradients' own), got {dtype!r}")
+    return dtype
+
+
+def segment_count(segments: Sequence[SampleSegment]) -> int:
+    return sum(s.n for s in segments)
+
+
+def nbytes_of(segments: Sequence[SampleSegment], shapes: dict[str, tuple[int, ...]]) -> int:
+    """Bytes the segments' arrays hold (uncompressed)."""
+    item = {"float32": 4, "float16": 2, "bfloat16": 2}
+    return sum(s.n * item[s.dtype] * math.prod(shapes[p]) for s in segments for p in s.params if p in shapes)
