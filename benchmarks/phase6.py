@@ -13,6 +13,9 @@ separate processes so each peak RSS is its own:
 * **heatmap**: ``QKOVInterference.heatmap_from_store`` from a cold page cache: every
   (layer, head, block) of both tasks' samples and the Fisher; GB/s against the cold-read
   ceiling measured in the same run.
+* **score**: the fused scoring matmul alone (``phase6.weighted_gram``) on one 128×4096 head
+  block already in RAM, at n = --samples and n = 100 per task: the compute half of the
+  heat map, and what the full-7B extrapolation in README uses.
 * **chunking**: the sample-axis choice. One chunk per (sample, head block), which is
   what streaming one sample at a time can write, against one chunk per head block for
   all samples (what a compaction pass would give): cold reads of every block of one
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -92,7 +96,7 @@ def worker_heatmap(spec: dict[str, Any]) -> dict[str, Any]:
         qk = QKOVInterference(QKOVIndexer.from_store(store, "a"))
         names = store.sample_params("a")
         nbytes = sum(store.samples(t, n).shape.numel() * store.samples(t, n).dtype.itemsize
-                     for t in "ab" for n in names) + sum(4 * store.param("a", n).shape.numel() for n in names)
+                     for t in "ab" for n in names) + sum(4 * math.prod(store.param("a", n).shape) for n in names)
         cold = drop_caches()
         t0 = time.perf_counter()
         heat = qk.heatmap_from_store(store, "a", "b", fisher="ema", memory_budget=spec["budget"], progress=False)
@@ -136,6 +140,34 @@ def worker_chunking(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def worker_score(spec: dict[str, Any]) -> dict[str, Any]:
+    """Median seconds of one fused score of a [n, 128·4096] block pair, warm, per dtype and n."""
+    import statistics
+
+    import torch
+
+    from fisherstore.phase6 import weighted_gram
+
+    torch.manual_seed(0)
+    E, out = 128 * 4096, {}
+    w = torch.rand(E) + 0.5
+    for n in sorted({spec["samples"], 100}):
+        a, b = torch.randn(n, E), torch.randn(n, E)
+        for dt in spec["dtypes"]:
+            ga, gb = a.to(getattr(torch, dt)), b.to(getattr(torch, dt))
+            weighted_gram(ga, gb, w, torch.device("cpu"))  # warm-up
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                weighted_gram(ga, gb, w, torch.device("cpu"))
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            out[f"{dt}/{n}"] = {"s": med, "GFLOPs": 2 * n * n * E / med / 1e9,
+                                "GBps": 2 * n * E * ga.element_size() / med / 1e9}
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
 def run_worker(kind: str, spec: dict[str, Any], timeout: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.phase6", "--worker", kind, json.dumps(spec)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=os.path.dirname(HERE))
@@ -163,6 +195,11 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
                      f"{col['sample_bytes'] / GiB:.1f} GiB | {col['peak_rss_growth'] / GiB:.2f} GiB | "
                      f"{hm['heatmap_s']:.1f} | {hm['GBps']:.2f} | {hm['GBps'] / c['disk_read_GBps']:.2f} | "
                      f"{hm['peak_rss_growth'] / GiB:.2f} GiB |")
+    sc = res.get("score", {})
+    if sc and "error" not in sc:
+        lines += ["", f"Fused scoring matmul alone (one 128×4096 head block in RAM, {sc['threads']} threads, median of 5):"]
+        lines += [f"{k.replace('/', ', n = ')}: {v['s'] * 1e3:.0f} ms per block, {v['GFLOPs']:.0f} GFLOP/s, "
+                  f"{v['GBps']:.2f} GB/s of gradients" for k, v in sc.items() if k != "threads"]
     ch = next((r["chunking"] for r in res["runs"].values() if "error" not in r.get("chunking", {"error": 1})), None)
     if ch:
         lines += ["", f"Sample-axis chunking, cold reads of all 32 head blocks of one weight ({ch['bytes'] / GiB:.2f} "
@@ -187,13 +224,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         kind, spec = args.worker
-        fn = {"collect": worker_collect, "heatmap": worker_heatmap, "chunking": worker_chunking}[kind]
+        fn = {"collect": worker_collect, "heatmap": worker_heatmap, "chunking": worker_chunking,
+              "score": worker_score}[kind]
         print(json.dumps(fn(json.loads(spec))))
         return
     scratch = tempfile.mkdtemp(prefix="fisherstore-phase6-", dir=args.dir)
     t0 = time.perf_counter()
     res: dict[str, Any] = {"args": vars(args), "ceilings": ceilings(scratch), "runs": {}}
     try:
+        res["score"] = run_worker("score", {"samples": args.samples, "dtypes": args.dtype}, args.timeout)
+        print("score", res["score"], flush=True)
         for dt in args.dtype:
             spec = {"path": os.path.join(scratch, f"store-{dt}"), "layers": args.layers, "samples": args.samples,
                     "seq": args.seq, "dtype": dt, "budget": args.budget, "backend": args.backend}

@@ -23,7 +23,7 @@ import torch
 import fisherstore
 from fisherstore import FisherCollector, ParamLayout
 from fisherstore.compat import TensorScopeAdapter
-from fisherstore.phase6 import compare_fishers, plot_comparison
+from fisherstore.phase6 import compare_fishers, contribution_mean, plot_comparison, weighted_gram
 from fisherstore.qkov import QKOVIndexer, QKOVInterference
 from fisherstore.verify import verify_store
 from tests.models import tiny_model, token_batch
@@ -67,6 +67,26 @@ def test_out_of_core_heatmap_equals_the_in_ram_one(tmp_path, arch, backend):
                                 blocks="K")
     torch.testing.assert_close(sub["scores"]["K"][:, :, 0, 0], got["scores"]["K"][:, :, -1, 1])
     fc.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tile", [7, 64, 10_000])  # ragged last tile, exact tiles, one tile
+def test_the_fused_tiled_score_equals_the_plain_formula(dtype, tile):
+    g = torch.Generator().manual_seed(1)
+    g_a = torch.randn(3, 8, 16, generator=g).to(dtype)
+    g_b = torch.randn(5, 8, 16, generator=g).to(dtype)
+    w = torch.rand(8, 16, generator=g) + 0.1
+    a, b = g_a.double().reshape(3, -1), g_b.double().reshape(5, -1)
+    want = (a.square() * w.double().reshape(1, -1)) @ b.abs().T
+    got = weighted_gram(g_a, g_b, w, torch.device("cpu"), tile=tile)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    assert g_a.dtype == dtype and torch.equal(g_a.double().reshape(3, -1), a)  # the inputs are left alone
+    tokens = torch.tensor([3, 0, 5])  # T = 0 counts as 1, as everywhere
+    f32 = torch.randn(3, 8, 16, generator=g)
+    before = f32.clone()
+    want_mean = (f32.double().square() / tokens.clamp_min(1).double().view(-1, 1, 1)).mean(0)
+    torch.testing.assert_close(contribution_mean(f32, tokens).double(), want_mean, rtol=1e-6, atol=0)
+    assert torch.equal(f32, before)  # an fp32 block is the caller's: not squared in place
 
 
 def test_contribution_fisher_is_the_mean_of_g_squared_over_t(tmp_path):
