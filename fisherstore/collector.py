@@ -27,10 +27,8 @@ micro-batches and ``T`` is the token count of all ranks' batches together.
 
 from __future__ import annotations
 
-import re
 import types
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -38,22 +36,17 @@ from torch import nn
 
 from .api import open as open_store
 from .dist import RankGroup
-from .errors import InvalidArgumentError, UnknownParamError, listing
+from .errors import InvalidArgumentError, listing
 from .groups import GroupView, group_reduce
 from .hooks import StepRun, check_loss, loss_name
 from .layout import ParamLayout
 from .losses import LossFn, causal_lm
-from .models import attention_param_names, layouts_from_model, model_description
+from .models import layouts_from_model, model_description
 from .samplegrads import SampleGrads, sample_gradients
+from .tracking import ParamFilter, StoredDecayWarning, check_options, select_params, stored_decays
 
 __all__ = ["FisherCollector", "SampleGrads", "StoredDecayWarning", "group_reduce"]
 
-ESTIMATORS = ("micro_batch", "batch")
-ParamFilter = str | Iterable[str] | Callable[[str, nn.Parameter], bool] | None
-
-
-class StoredDecayWarning(UserWarning):
-    """A task's stored EMA β differs from the collector's ``ema_decay``; the stored one is used."""
 
 
 class FisherCollector(GroupView):
@@ -129,23 +122,7 @@ class FisherCollector(GroupView):
         store: Any = None,
         **store_options: Any,
     ) -> None:
-        if reduction not in ("group", "param"):
-            raise InvalidArgumentError(f"reduction must be 'group' or 'param', got {reduction!r}")
-        if estimator not in ESTIMATORS:
-            raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-            raise InvalidArgumentError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
-        if not callable(loss_fn):
-            raise InvalidArgumentError(
-                f"loss_fn must be a callable (model, batch) -> (loss_sum, n_tokens), got {type(loss_fn).__name__}; "
-                "see fisherstore.losses (causal_lm, seq2seq_lm, masked_lm)"
-            )
-        if layouts is not None and not isinstance(layouts, Mapping):
-            raise InvalidArgumentError(
-                f"layouts must be a mapping of parameter name -> ParamLayout, got {type(layouts).__name__}"
-            )
-        if data_parallel is not None and not isinstance(data_parallel, bool):
-            raise InvalidArgumentError(f"data_parallel must be True, False or None, got {data_parallel!r}")
+        check_options(reduction, estimator, micro_batch_size, loss_fn, layouts, data_parallel)
         group = store_options.get("group") if store is None else getattr(store, "_group", None)
         if group is not None and not isinstance(group, RankGroup):
             raise InvalidArgumentError(f"group must be a fisherstore.RankGroup, got {type(group).__name__}")
@@ -295,21 +272,7 @@ class FisherCollector(GroupView):
         check_loss(self.loss_fn, model)
 
     def _stored_decays(self, task: str) -> list[float]:
-        """The distinct EMA β of ``task``'s parameters; warns once if they are not ``ema_decay``."""
-        decays = sorted({self.store.param(task, n).decay for n in self.store.params(task)})
-        if decays and decays != [self.ema_decay] and task not in self._decay_warned:
-            self._decay_warned.add(task)
-            shown = ", ".join(f"{d:g}" for d in decays)
-            warnings.warn(
-                StoredDecayWarning(
-                    f"task {task!r} was collected with ema_decay={shown}, but this collector has "
-                    f"ema_decay={self.ema_decay:g}; the stored β is used for every readout and update of the task "
-                    f"and for parameters added to it. Open the collector with ema_decay={decays[0]:g} to silence "
-                    "this warning"
-                ),
-                stacklevel=3,
-            )
-        return decays
+        return stored_decays(self.store, task, self.ema_decay, self._decay_warned)
 
     def _owner_ranks(self, task: str, order: list[str]) -> list[int]:
         """Which rank owns each of ``order`` (collective the first time for a task and parameter list)."""
@@ -348,20 +311,4 @@ class FisherCollector(GroupView):
         return self._layout_cache[key]
 
     def _select(self, model: nn.Module, layouts: dict[str, ParamLayout]) -> list[str]:
-        named = dict(model.named_parameters())
-        sel = self.params
-        if sel is None:
-            names = attention_param_names(layouts)
-        elif sel == "all":
-            names = list(named)
-        elif callable(sel):
-            names = [n for n, p in named.items() if sel(n, p)]
-        else:
-            pats = [sel] if isinstance(sel, str) else list(sel)
-            names = [n for n in named if any(n == p or re.search(p, n) for p in pats)]
-        if not names:
-            raise UnknownParamError(
-                f"the params filter {sel!r} selects no parameter of {type(model).__name__}; "
-                f"its parameters include {listing(named, 5)}"
-            )
-        return names
+        return select_params(model, layouts, self.params)

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .errors import HeadIndexError, InvalidArgumentError, SliceError
+from .errors import HeadIndexError, InvalidArgumentError
+from .indexing import plan_index
 from .layout import ParamLayout
 
 __all__ = ["LazyFisher", "LazyArray", "FisherSource"]
@@ -166,7 +167,7 @@ class LazyFisher:
 
     # -- reading ------------------------------------------------------------------------
     def __getitem__(self, key: Any) -> torch.Tensor:
-        region, flips, squeeze, empty = _normalize(key, tuple(self.shape), self.name)
+        region, flips, squeeze, empty = plan_index(key, tuple(self.shape), self.name)
         if empty:
             out = torch.zeros(empty, dtype=torch.float32)
         else:
@@ -271,58 +272,6 @@ class LazyFisher:
             f"LazyFisher(task={self.task!r}, name={self.name!r}, shape={shape}{lay}, step={step}, "
             f"backend={self._source.backend_name!r}{extra})"
         )
-
-
-def _normalize(key: Any, shape: tuple[int, ...], name: str):
-    """Turn a basic index into (positive-step region, dims to flip, dims to squeeze, empty shape)."""
-    ndim = len(shape)
-    if not isinstance(key, tuple):
-        key = (key,)
-    n_ell = sum(k is Ellipsis for k in key)
-    if n_ell > 1:
-        raise SliceError("an index can only have a single ellipsis ('...')")
-    if n_ell:
-        i = next(j for j, k in enumerate(key) if k is Ellipsis)
-        key = key[:i] + (slice(None),) * (ndim - len(key) + 1) + key[i + 1 :]
-    if len(key) > ndim:
-        raise SliceError(f"too many indices for {name!r}: it is {ndim}-D (shape {shape}) but {len(key)} were given")
-    key = key + (slice(None),) * (ndim - len(key))
-    region, flips, squeeze, out_shape = [], [], [], []
-    for dim, (k, n) in enumerate(zip(key, shape)):
-        if isinstance(k, torch.Tensor) and k.ndim == 0 and not k.is_floating_point() and k.dtype != torch.bool:
-            k = int(k)
-        if isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_)):
-            i = int(k)
-            if not -n <= i < n:
-                raise SliceError(f"index {i} is out of range for dimension {dim} of {name!r}, which has size {n}")
-            i %= n
-            region.append(slice(i, i + 1, 1))
-            squeeze.append(dim)
-        elif isinstance(k, slice):
-            if k.step == 0:
-                raise SliceError(f"slice step cannot be zero (dimension {dim} of {name!r})")
-            try:
-                start, stop, step = k.indices(n)
-            except TypeError:
-                raise InvalidArgumentError(
-                    f"slice bounds must be ints or None, got {k!r} for dimension {dim} of {name!r}"
-                ) from None
-            r = range(start, stop, step)
-            out_shape.append(len(r))
-            if not len(r):
-                region.append(slice(0, 0, 1))
-            elif step > 0:
-                region.append(slice(r[0], r[-1] + 1, step))
-            else:
-                region.append(slice(r[-1], r[0] + 1, -step))
-                flips.append(dim)
-        else:
-            raise InvalidArgumentError(
-                f"LazyFisher indices must be ints, slices or '...', got {type(k).__name__}; "
-                "call .load() first for advanced indexing"
-            )
-    empty = tuple(out_shape) if 0 in out_shape else None
-    return tuple(region), flips, squeeze, empty
 
 
 #: ``*_like`` factories: they take a tensor only for its shape, dtype and device.

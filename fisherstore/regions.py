@@ -18,13 +18,14 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 
-from .errors import ShapeMismatchError
+from .errors import ShapeMismatchError, SliceError
 
 __all__ = [
     "Region",
     "region_shape",
     "region_nbytes",
     "full_region",
+    "check_region",
     "axis_region",
     "offset_region",
     "split_axis",
@@ -54,6 +55,22 @@ def region_nbytes(region: Region, itemsize: int = 4) -> int:
 
 def full_region(shape: Sequence[int]) -> Region:
     return tuple(slice(0, n) for n in shape)
+
+
+def check_region(region: object, shape: Sequence[int], what: str = "read()") -> Region:
+    """``region`` if it is ``len(shape)`` in-bounds slices with int starts and stops and positive steps.
+
+    Raises :class:`SliceError` otherwise: the store's region reads take no negative,
+    open or out-of-range slices (a LazyFisher's ``[...]`` indexing normalises those).
+    """
+    if not (isinstance(region, tuple) and len(region) == len(shape) and all(
+            isinstance(s, slice) and isinstance(s.start, int) and isinstance(s.stop, int)
+            and 0 <= s.start <= s.stop <= n and (s.step is None or isinstance(s.step, int) and s.step >= 1)
+            for s, n in zip(region, shape))):
+        raise SliceError(f"{what}: region must be {len(shape)} in-bounds slices with explicit starts, stops "
+                         f"and positive steps, got {region!r}; index a LazyFisher (store.fisher(task, name)[...]) "
+                         "for general slicing")
+    return region
 
 
 def axis_region(shape: Sequence[int], ax: int, start: int, stop: int) -> Region:

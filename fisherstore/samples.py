@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -49,9 +49,9 @@ from .format import sample_attributes, sample_key
 from .iopool import IOPool, wait_all
 from .layout import ParamLayout
 from .manifest import SAMPLE_DTYPES, SampleSegment
-from .regions import Region, chunk_region, full_region, iter_grid, region_nbytes, region_shape
+from .regions import Region, chunk_region, full_region, iter_grid, region_shape
 
-__all__ = ["SampleBatch", "LazySamples", "ContributionSource", "TORCH_DTYPES"]
+__all__ = ["SampleBatch", "LazySamples", "TORCH_DTYPES", "new_segment", "samples_of"]
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -351,61 +351,36 @@ class LazySamples:
         return g.to(torch.float32).div_(t.view(-1, *[1] * (g.ndim - 1)))
 
 
-class ContributionSource:
-    """The contribution-based Fisher of a task (the seed's Option 1): ``Î = mean_i C_i``, read lazily.
-
-    A :class:`~fisherstore.lazy.FisherSource`, so ``LazyFisher(ContributionSource(...), task, name)``
-    slices and head-indexes it like the EMA Fisher. A read streams the task's samples over
-    the requested region in batches that fit ``memory_budget``, summing in fp64: out of core.
-    """
-
-    backend_name = "contribution"
-
-    def __init__(self, samples: Callable[[str, str], LazySamples], info: Callable[[str, str], Any],
-                 revision: Callable[[str], Hashable], memory_budget: int) -> None:
-        self._samples, self._info, self._revision = samples, info, revision
-        self.memory_budget = max(1, memory_budget)
-
-    def param(self, task: str, name: str) -> Any:
-        return self._info(task, name)
-
-    def step(self, task: str) -> int:
-        return 0
-
-    def revision(self, task: str) -> Hashable:
-        return ("contribution", self._revision(task))
-
-    def read(self, task: str, name: str, region: Region | None = None, *, bias_corrected: bool = True) -> torch.Tensor:
-        S = self._samples(task, name)
-        region = full_region(S.shape[1:]) if region is None else region
-        n = len(S)
-        if n == 0:
-            raise InvalidArgumentError(f"task {task!r} has no per-sample gradients of {name!r}; collect some "
-                                       "(FisherCollector.collect_samples) before asking for its contribution Fisher")
-        per = max(1, self.memory_budget // max(1, 3 * region_nbytes(region)))
-        total = torch.zeros(region_shape(region), dtype=torch.float64)
-        t = S.tokens.clamp_min(1).to(torch.float64)
-        for a in range(0, n, per):
-            g = S.read(slice(a, min(a + per, n)), region).to(torch.float64)
-            total += g.square_().div_(t[a:a + per].view(-1, *[1] * (g.ndim - 1))).sum(0)
-        return (total / n).to(torch.float32)
-
-    def iter_heads(self, task: str, names: Sequence[str] | None = None, block: str | None = None,
-                   workers: int = 4, *, bias_corrected: bool = True) -> Iterator[tuple[str, int, str, torch.Tensor]]:
-        for name in names or []:
-            layout = self._info(task, name).layout
-            for b in [block.upper()] if block else list(layout.blocks):
-                step = layout.group_size if b in "KV" else 1
-                for h in range(0, layout.num_heads, step):
-                    idx = layout.head_index(h, b, len(self._info(task, name).shape))
-                    shape = self._info(task, name).shape
-                    yield name, h, b, self.read(task, name, tuple(slice(*s.indices(m)[:2]) for s, m in zip(idx, shape)))
-
-
 def samples_of(catalog: Catalog, task: str) -> list[SampleSegment]:
     """A task's segments: committed ones, then the writer's uncommitted ones (what its readers see)."""
     t = catalog.task(task)
     return [*t.samples, *t.new_samples]
+
+
+def new_segment(catalog: Catalog, task: str, names: Sequence[str], n: int, ids: Sequence[str] | None,
+                number_base: int) -> tuple[list[str], list[str], int]:
+    """Check a new segment of ``n`` samples of ``names`` against ``task``'s; its names, sample ids and number.
+
+    Every segment of a task covers the same parameters (so every sample has each), and
+    sample ids are unique in the task (default: running numbers after the last one).
+    Numbers continue from the task's last segment (from ``number_base`` on object storage).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidArgumentError(f"n must be a positive number of samples, got {n!r}")
+    segments = samples_of(catalog, task)
+    names = list(names)
+    for name in names:
+        catalog.param(task, name)
+    if segments and set(names) != set(segments[0].params):
+        raise InvalidArgumentError(
+            f"task {task!r} holds per-sample gradients of {len(segments[0].params)} parameters; a new segment "
+            f"must cover the same ones (got {len(names)}), so every sample has every parameter")
+    first = segment_count(segments)
+    ids = [str(i) for i in (ids if ids is not None else range(first, first + n))]
+    taken = {i for seg in segments for i in seg.ids}
+    if len(ids) != n or len(set(ids)) != n or taken & set(ids):
+        raise InvalidArgumentError(f"ids must be {n} distinct sample ids not yet in task {task!r}")
+    return names, ids, max((seg.id for seg in segments), default=number_base) + 1
 
 
 def check_dtype(dtype: str | None) -> str | None:
