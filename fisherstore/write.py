@@ -3,7 +3,7 @@
 :class:`WritePath` holds what outlives one step: the backend and I/O pool, the memory plan
 and residency (which accumulators live on a device), the device stagers, and whether a
 multi-pass run replays a task (:mod:`fisherstore.replay`). One step is a
-:class:`~fisherstore.step.StepWriter` (re-exported here); its resident side is
+:class:`~fisherstore.step.StepWriter`, which drives this path; its resident side is
 :mod:`fisherstore.fills`. The life of a step and of a flush: docs/architecture.md.
 
 Usage::
@@ -37,7 +37,7 @@ from .regions import (
 )
 from .residency import DeviceStager, HostCopy, MemoryPlan, Residency, host_tensor
 
-__all__ = ["WritePath", "StepWriter"]
+__all__ = ["WritePath"]
 
 class WritePath:
     """Writes generations for one store: streamed steps and flush folds, on a bounded I/O pool.
@@ -191,5 +191,3 @@ class _NoBar:
     def update(self, n: int = 1) -> None:
         return None
 
-
-from .step import StepWriter  # noqa: E402 - the step needs WritePath only for typing

@@ -1,6 +1,7 @@
 """The write-back engine: exact for any budget, region feeding, failures, and bounded memory."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -206,3 +207,27 @@ def test_peak_memory_stays_within_budget(tmp_path, backend):
     grown = peak - start
     # 256 MiB of state streamed at a 64 MiB budget; allow 32 MiB for allocator slack
     assert grown <= (64 + 32) << 20, f"{backend}: grew {grown / 2**20:.0f} MiB over the post-setup RSS"
+
+
+def test_a_many_chunk_read_is_exact_in_parallel_and_in_a_forked_child(tmp_path, disk_backend):
+    # A multi-chunk read fetches its chunks on a thread pool: every chunk must land in its
+    # place, a damaged one must still be named, and a forked child (a DataLoader worker)
+    # must get a working pool of its own rather than the parent's dead threads.
+    x = torch.rand(64, 48) ** 2
+    with fisherstore.open(tmp_path / "s", mode="w", backend=disk_backend, decay=0.5) as s:
+        s.create("t", "q", (64, 48), LAYOUTS["q"])  # 8 head blocks: 8 chunk files
+        s.update("t", {"q": x})
+    with fisherstore.open(tmp_path / "s", mode="r", backend=disk_backend) as r:
+        torch.testing.assert_close(r.fisher("t", "q").load(), x, rtol=1e-6, atol=0)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit status
+            signal.alarm(60)  # a hung read (a dead pool) kills the child: a failure, not a hang
+            ok = torch.allclose(r.fisher("t", "q").load(), x, rtol=1e-6, atol=0)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    chunk = next(p for p in (tmp_path / "s").rglob("c/5/0") if p.is_file())
+    chunk.write_bytes(b"\0" * chunk.stat().st_size)
+    with fisherstore.open(tmp_path / "s", mode="r", backend=disk_backend) as r:
+        with pytest.raises(fisherstore.CorruptChunkError, match="5/0"):
+            r.fisher("t", "q").load()

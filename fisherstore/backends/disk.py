@@ -17,7 +17,10 @@ import abc
 import errno
 import json
 import math
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -31,6 +34,24 @@ from .chunks import Chain, parse_chain
 from .files import TEMP_SUFFIX, LocalFiles
 
 __all__ = ["DiskBackend"]
+
+#: Threads that fetch and decode the chunks of one multi-chunk read. A head-block read of
+#: every sample is dozens of 1-2 MiB chunk files (GETs on S3); reading them one after the
+#: other leaves the disk idle between requests (measured: 0.86 -> 1.04 GB/s cold on the
+#: Phase-6 sweep with 8). The pool is a leaf: its tasks never submit to it.
+CHUNK_READERS = 8
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def chunk_pool() -> ThreadPoolExecutor:
+    """The process's chunk-reading pool (a new one in a forked child, whose threads did not survive)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(CHUNK_READERS, thread_name_prefix="fisherstore-chunks"))
+        return _pool[1]
+
 
 class DiskBackend(ArrayBackend):
     """Base of the backends that keep a Zarr v3 hierarchy in a local directory.
@@ -156,12 +177,13 @@ class DiskBackend(ArrayBackend):
         n = carrier.itemsize * math.prod(chunks)
         limit = chain.max_stored(n)
         coords = chunk_coords(region, chunks)
-        out = None
-        for idx in coords:
+
+        self.chunk_files_read += len(coords)
+
+        def fetch(idx: tuple[int, ...]) -> np.ndarray:
             rel = chunk_key(idx)
-            path = self.files.url_of(f"{key}/{rel}")
-            self.chunk_files_read += 1
             stored = self.files.read_bounded(f"{key}/{rel}", limit + 1)  # one read (one GET on S3)
+            path = self.files.url_of(f"{key}/{rel}")
             if stored is None:
                 raise ChunkError(errno.ENOENT, f"chunk file {rel} of {key!r} is missing", path, idx)
             try:
@@ -170,14 +192,25 @@ class DiskBackend(ArrayBackend):
                 raw = chain.decode(stored, n)
             except ValueError as e:
                 raise ChunkError(errno.EIO, f"chunk {rel} of {key!r} is damaged: {e}", path, idx) from None
+            return np.frombuffer(raw, dtype=carrier).reshape(chunks)
+
+        if len(coords) == 1:
+            src, _ = chunk_overlap(region, chunks, coords[0])
+            return fetch(coords[0])[src]  # one chunk: a view of its buffer, no copy
+        if not coords:
+            return np.zeros(region_shape(region), dtype=carrier)
+        out = np.empty(region_shape(region), dtype=carrier)
+
+        def place(idx: tuple[int, ...]) -> None:
             src, dst = chunk_overlap(region, chunks, idx)
-            part = np.frombuffer(raw, dtype=carrier).reshape(chunks)[src]
-            if len(coords) == 1:
-                return part  # one chunk: a view of its buffer, no copy
-            if out is None:
-                out = np.empty(region_shape(region), dtype=carrier)
-            out[dst] = part
-        return out if out is not None else np.zeros(region_shape(region), dtype=carrier)
+            out[dst] = fetch(idx)[src]
+
+        if len(coords) >= 4:  # every chunk written before the caller sees ``out``; the first error raises
+            list(chunk_pool().map(place, coords))
+        else:
+            for idx in coords:
+                place(idx)
+        return out
 
     # -- documents and tree ---------------------------------------------------------------------
     def read_json(self, key: str) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ module              job
 ==================  ==========================================================
 """
 
-from ..write import StepWriter
+from ..step import StepWriter
 from .facade import FisherStore
 
 __all__ = ["FisherStore", "StepWriter"]

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from ..read import ReadPath
     from ..residency import MemoryPlan
     from ..samples import SampleBatch
-    from ..write import StepWriter, WritePath
+    from ..step import StepWriter
+    from ..write import WritePath
 
 
 class StoreBase:

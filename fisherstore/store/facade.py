@@ -52,7 +52,8 @@ from ..opening import Resources, check_identity, open_root, recover_leftovers, t
 from ..options import StoreOptions, default_memory_budget
 from ..read import ReadPath
 from ..residency import MemoryPlan, Residency
-from ..write import StepWriter, WritePath
+from ..step import StepWriter
+from ..write import WritePath
 from .reading import ReadMethods
 from .sampling import SampleMethods
 from .writing import WriteMethods

@@ -15,7 +15,7 @@ from ..errors import FisherStoreError, FlushError, InvalidArgumentError, StepErr
 from ..format import ESTIMATORS, encode_name, json_value
 from ..layout import ParamLayout
 from ..replay import Replay
-from ..write import StepWriter
+from ..step import StepWriter
 from .base import StoreBase
 
 
