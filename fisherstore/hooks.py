@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -27,10 +27,24 @@ from .groups import GroupSums
 from .layout import ParamLayout
 from .losses import CausalLM, Seq2SeqLM
 
-if TYPE_CHECKING:
-    from .collector import FisherCollector
+__all__ = ["Collecting", "StepRun", "check_loss", "call_loss", "loss_name", "batch_rows", "take_rows", "on_device", "fingerprint"]
 
-__all__ = ["StepRun", "check_loss", "call_loss", "loss_name", "batch_rows", "take_rows", "on_device", "fingerprint"]
+class Collecting(Protocol):
+    """What one step's loop needs of the collector that drives it (:class:`~fisherstore.collector.FisherCollector`).
+
+    Declared here, below the collector, so that the loop depends on these few settings
+    and not on the class that sits above it.
+    """
+
+    store: Any
+    group: RankGroup
+    loss_fn: Any
+    estimator: str
+    reduction: str
+    micro_batch_size: int | None
+
+    def _owner_ranks(self, task: str, order: list[str]) -> list[int]: ...
+
 
 #: ``sink(name, x, final)``: x is this micro-batch's (or the step's) square, ``final`` its last one.
 Sink = Callable[[str, torch.Tensor, bool], None]
@@ -46,7 +60,7 @@ class StepRun:
     the parameter's owner rank. The group view's increments go to :attr:`groups`.
     """
 
-    def __init__(self, fc: FisherCollector, model: nn.Module, task: str, order: list[str],
+    def __init__(self, fc: Collecting, model: nn.Module, task: str, order: list[str],
                  layouts: dict[str, ParamLayout]) -> None:
         self.fc = fc
         self.model = model

@@ -31,19 +31,29 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .errors import FisherStoreError, InvalidArgumentError
-from .hooks import StepRun, fingerprint, take_rows
+from .hooks import Collecting, StepRun, fingerprint, take_rows
+from .layout import ParamLayout
 from .replay import Replay
 
-if TYPE_CHECKING:
-    from .collector import FisherCollector
-
 __all__ = ["DatasetRun", "BatchesChangedError", "plan_passes", "collect_dataset"]
+
+
+class MultiPassCollector(Collecting, Protocol):
+    """What a multi-pass run needs of its collector: a step's loop, plus preparing a task,
+    running one step, and the group view it restores when a run fails."""
+
+    _groups: dict[str, Any]
+
+    def _prepare(self, model: nn.Module, task: str, check: bool = True) -> tuple[list[str], dict[str, ParamLayout]]: ...
+
+    def _step(self, model: nn.Module, batch: Any, task: str, order: list[str],
+              layouts: dict[str, ParamLayout]) -> int: ...
 
 
 class BatchesChangedError(FisherStoreError, ValueError):
@@ -138,7 +148,7 @@ class Replayable:
         return iter(self._make())
 
 
-def collect_dataset(fc: FisherCollector, model: nn.Module, batches: Any, task: str, *,
+def collect_dataset(fc: MultiPassCollector, model: nn.Module, batches: Any, task: str, *,
                     progress: bool | None = None) -> DatasetRun:
     """The body of :meth:`FisherCollector.collect_fisher_dataset` (see the module docstring)."""
     source = Replayable(batches)
@@ -176,7 +186,7 @@ def collect_dataset(fc: FisherCollector, model: nn.Module, batches: Any, task: s
     return run
 
 
-def _run_passes(fc: FisherCollector, model: nn.Module, source: Replayable, task: str, layouts: dict[str, Any],
+def _run_passes(fc: MultiPassCollector, model: nn.Module, source: Replayable, task: str, layouts: dict[str, Any],
                 replay: Replay, run: DatasetRun, where: dict[str, str], device: torch.device,
                 progress: bool | None) -> None:
     from tqdm.auto import tqdm
@@ -218,7 +228,7 @@ def _run_passes(fc: FisherCollector, model: nn.Module, source: Replayable, task:
             run.pass_seconds.append(time.perf_counter() - start)
 
 
-def _activation_bytes(fc: FisherCollector, model: nn.Module, source: Replayable, task: str, order: list[str],
+def _activation_bytes(fc: MultiPassCollector, model: nn.Module, source: Replayable, task: str, order: list[str],
                       layouts: dict[str, Any]) -> int:
     """Device memory a forward/backward of one micro-batch takes (CUDA only): what the passes must leave free."""
     first = next(iter(source), None)
