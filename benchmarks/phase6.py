@@ -87,27 +87,66 @@ def worker_collect(spec: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def cold_read(path: str) -> float:
+    """GB/s of one cold sequential read of ``path`` (the disk's read ceiling, right now)."""
+    drop_caches()
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(64 * MiB):
+            pass
+    return os.path.getsize(path) / (time.perf_counter() - t0) / 1e9
+
+
 def worker_heatmap(spec: dict[str, Any]) -> dict[str, Any]:
+    """The heat map from a cold cache, ``reps`` times, each beside a cold read of a 2 GiB file.
+
+    The disk is shared and its speed drifts by 2x within minutes here, so each heat map is
+    set against a ceiling measured just before and just after it, and the medians are kept.
+    """
+    import statistics
+
     import fisherstore
     from fisherstore.qkov import QKOVIndexer, QKOVInterference
 
+    probe = os.path.join(os.path.dirname(spec["path"]), "probe.bin")
+    buf = os.urandom(64 * MiB)
+    with open(probe, "wb") as f:
+        for _ in range(32):
+            f.write(buf)
+        os.fsync(f.fileno())
     base = vm_rss()
-    with fisherstore.open(spec["path"], mode="r", backend=spec["backend"]) as store:
-        qk = QKOVInterference(QKOVIndexer.from_store(store, "a"))
-        names = store.sample_params("a")
-        nbytes = sum(store.samples(t, n).shape.numel() * store.samples(t, n).dtype.itemsize
-                     for t in "ab" for n in names) + sum(4 * math.prod(store.param("a", n).shape) for n in names)
-        cold = drop_caches()
-        t0 = time.perf_counter()
-        heat = qk.heatmap_from_store(store, "a", "b", fisher="ema", memory_budget=spec["budget"], progress=False)
-        dt = time.perf_counter() - t0
-    return {"heatmap_s": dt, "bytes_read": nbytes, "GBps": nbytes / dt / 1e9, "cold": cold,
-            "peak_rss_growth": vm_hwm() - base, "blocks": len(heat["layers"]) * len(heat["heads"]) * 4,
-            "top": heat["top_conflicts"]["Q"][0]}
+    times, ratios, ceilings_ = [], [], []
+    try:
+        with fisherstore.open(spec["path"], mode="r", backend=spec["backend"]) as store:
+            qk = QKOVInterference(QKOVIndexer.from_store(store, "a"))
+            names = store.sample_params("a")
+            nbytes = sum(store.samples(t, n).shape.numel() * store.samples(t, n).dtype.itemsize
+                         for t in "ab" for n in names) + sum(4 * math.prod(store.param("a", n).shape) for n in names)
+            before = cold_read(probe)
+            for _ in range(spec.get("reps", 3)):
+                cold = drop_caches()
+                t0 = time.perf_counter()
+                heat = qk.heatmap_from_store(store, "a", "b", fisher="ema", memory_budget=spec["budget"],
+                                             progress=False)
+                dt = time.perf_counter() - t0
+                after = cold_read(probe)
+                times.append(dt)
+                ceilings_.append((before + after) / 2)
+                ratios.append(nbytes / dt / 1e9 / ceilings_[-1])
+                before = after
+    finally:
+        os.unlink(probe)
+    dt = statistics.median(times)
+    return {"heatmap_s": dt, "heatmap_s_all": times, "bytes_read": nbytes, "GBps": nbytes / dt / 1e9, "cold": cold,
+            "ceiling_GBps": statistics.median(ceilings_), "x_ceiling": statistics.median(ratios),
+            "x_ceiling_all": ratios, "peak_rss_growth": vm_hwm() - base,
+            "blocks": len(heat["layers"]) * len(heat["heads"]) * 4, "top": heat["top_conflicts"]["Q"][0]}
 
 
 def worker_chunking(spec: dict[str, Any]) -> dict[str, Any]:
     """Cold reads of every head block of one weight's samples: per-sample chunks vs one chunk per block."""
+    import statistics
+
     import numpy as np
     import zarr
 
@@ -123,17 +162,20 @@ def worker_chunking(spec: dict[str, Any]) -> dict[str, Any]:
                               overwrite=True, compressors=None, fill_value=0.0)
         for h in range(lay.num_heads):
             z[:, h * lay.head_dim:(h + 1) * lay.head_dim, :] = S.head(h, "Q").float().numpy()
-        out = {}
-        drop_caches()
-        t0 = time.perf_counter()
-        for h in range(lay.num_heads):
-            S.head(h, "Q")
-        out["per_sample_chunks_s"] = time.perf_counter() - t0
-        drop_caches()
-        t0 = time.perf_counter()
-        for h in range(lay.num_heads):
-            np.asarray(z[:, h * lay.head_dim:(h + 1) * lay.head_dim, :])
-        out["one_chunk_per_block_s"] = time.perf_counter() - t0
+        per_sample, compact_ = [], []
+        for _ in range(3):  # alternated, so the disk's drift falls on both alike
+            drop_caches()
+            t0 = time.perf_counter()
+            for h in range(lay.num_heads):
+                S.head(h, "Q")
+            per_sample.append(time.perf_counter() - t0)
+            drop_caches()
+            t0 = time.perf_counter()
+            for h in range(lay.num_heads):
+                np.asarray(z[:, h * lay.head_dim:(h + 1) * lay.head_dim, :])
+            compact_.append(time.perf_counter() - t0)
+        out = {"per_sample_chunks_s": statistics.median(per_sample), "one_chunk_per_block_s": statistics.median(compact_),
+               "per_sample_chunks_s_all": per_sample, "one_chunk_per_block_s_all": compact_}
         out["bytes"] = n * int(np.prod(shape)) * S.dtype.itemsize
         out["compact_bytes"] = n * int(np.prod(shape)) * 4
         shutil.rmtree(compact)
@@ -182,18 +224,22 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
              f"--budget {args.budget // MiB} --backend {args.backend}`", "",
              f"LLaMA-2-7B-shaped attention (hidden 4096, 32 heads of 128), {args.layers} full layer(s), "
              f"{args.samples} samples per task of {args.seq} tokens, memory budget {args.budget / GiB:.1f} GiB, "
-             f"backend {args.backend}. Ceilings in the same run: disk write+fsync {c['disk_write_GBps']:.2f} GB/s, "
-             f"cold read {c['disk_read_GBps']:.2f} GB/s.", "",
+             f"backend {args.backend}. Ceilings at the start of the run: disk write+fsync {c['disk_write_GBps']:.2f} GB/s, "
+             f"cold read {c['disk_read_GBps']:.2f} GB/s. The heat map ran 3 times from a cold cache, each between two "
+             "cold reads of a 2 GiB file; its columns are medians, and × ceiling sets each run against the mean of "
+             "the two reads beside it (the disk is shared, and drifts).", "",
              "| dtype | collect s (A / B) | per-sample data | peak RSS growth (collect) | heat map s | read GB/s | "
-             "× cold-read ceiling | peak RSS growth (heat map) |", "|---|---|---|---|---|---|---|---|"]
+             "cold-read ceiling beside it, GB/s | × ceiling (min–max) | peak RSS growth (heat map) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for dt, r in res["runs"].items():
         col, hm = r["collect"], r["heatmap"]
         if "error" in col or "error" in hm:
-            lines.append(f"| {dt} | error: {col.get('error') or hm.get('error')} | | | | | | |")
+            lines.append(f"| {dt} | error: {col.get('error') or hm.get('error')} | | | | | | | |")
             continue
         lines.append(f"| {dt} | {col['collect_a_s']:.0f} / {col['collect_b_s']:.0f} | "
                      f"{col['sample_bytes'] / GiB:.1f} GiB | {col['peak_rss_growth'] / GiB:.2f} GiB | "
-                     f"{hm['heatmap_s']:.1f} | {hm['GBps']:.2f} | {hm['GBps'] / c['disk_read_GBps']:.2f} | "
+                     f"{hm['heatmap_s']:.1f} | {hm['GBps']:.2f} | {hm['ceiling_GBps']:.2f} | "
+                     f"{hm['x_ceiling']:.2f} ({min(hm['x_ceiling_all']):.2f}–{max(hm['x_ceiling_all']):.2f}) | "
                      f"{hm['peak_rss_growth'] / GiB:.2f} GiB |")
     sc = res.get("score", {})
     if sc and "error" not in sc:
@@ -203,7 +249,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
     ch = next((r["chunking"] for r in res["runs"].values() if "error" not in r.get("chunking", {"error": 1})), None)
     if ch:
         lines += ["", f"Sample-axis chunking, cold reads of all 32 head blocks of one weight ({ch['bytes'] / GiB:.2f} "
-                  f"GiB): one chunk per (sample, head block) {ch['bytes'] / ch['per_sample_chunks_s'] / 1e9:.2f} GB/s, "
+                  f"GiB, medians of 3 alternated): one chunk per (sample, head block) {ch['bytes'] / ch['per_sample_chunks_s'] / 1e9:.2f} GB/s, "
                   f"one chunk per head block for all samples {ch['compact_bytes'] / ch['one_chunk_per_block_s'] / 1e9:.2f}"
                   " GB/s (what a compaction pass after collection would give)."]
     return "\n".join(lines) + "\n"
