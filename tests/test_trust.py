@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import glob
 import json
 import multiprocessing as mp
 import os
@@ -462,6 +463,39 @@ def test_recovery_never_leaves_the_store_or_follows_links(tmp_path, backend):
         with fisherstore.open(path2, mode="a", backend=backend) as s:
             s.update("t", {"w": torch.full((8, 8), 9.0)})
     assert torch.equal(raw(other), before)
+
+
+@pytest.mark.parametrize("backend", DISK)
+def test_a_chunk_file_that_is_a_link_or_a_fifo_is_refused_not_followed(tmp_path, backend):
+    # A reader must not read outside the store through a crafted link (here to a copy of a
+    # valid chunk, which would read back as plausible values) nor hang on a FIFO.
+    path = str(tmp_path / "s")
+    _flushed_store(path, backend)
+    chunk = next(p for p in sorted(glob.glob(os.path.join(path, "t", "w", "g*", "c", "**"), recursive=True))
+                 if os.path.isfile(p))
+    outside = str(tmp_path / "outside")
+    shutil.copyfile(chunk, outside)
+    os.unlink(chunk)
+    os.symlink(outside, chunk)
+    with fisherstore.open(path, mode="r", backend=backend) as r:
+        with pytest.raises(CorruptStoreError, match="symbolic link"):
+            r.fisher("t", "w").load()
+    os.unlink(chunk)
+    os.mkfifo(chunk)
+    t0 = time.monotonic()
+    with fisherstore.open(path, mode="r", backend=backend) as r:
+        with pytest.raises(CorruptStoreError, match="not a regular file"):
+            r.fisher("t", "w").load()
+    assert time.monotonic() - t0 < 5
+    # a generation directory that is a link to another store's copy of it
+    os.unlink(chunk)
+    shutil.copyfile(outside, chunk)
+    gen = chunk[:chunk.index(os.sep + "c" + os.sep)]
+    shutil.move(gen, str(tmp_path / "gen-elsewhere"))
+    os.symlink(str(tmp_path / "gen-elsewhere"), gen)
+    with fisherstore.open(path, mode="r", backend=backend) as r:
+        with pytest.raises(CorruptStoreError, match="symbolic link"):
+            r.fisher("t", "w").load()
 
 
 @pytest.mark.parametrize("backend", DISK)

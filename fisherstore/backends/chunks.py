@@ -44,13 +44,17 @@ class Chain:
         slack = 0 if self.compressor is None else nbytes // 64 + 1024
         return nbytes + slack + (4 if self.checksum else 0)
 
+    def crc_matches(self, data: memoryview | bytes, tail: bytes | bytearray) -> bool:
+        """Whether ``tail`` is the crc32c of ``data`` (a chunk read in two parts, without a copy)."""
+        return crc32c.crc32c(data) == int.from_bytes(tail, "little")
+
     def decode(self, stored: bytes | bytearray, nbytes: int) -> bytes | bytearray | memoryview:
         """The chunk's raw bytes (exactly ``nbytes``); ``ValueError`` says what is wrong."""
         data: Any = memoryview(stored)
         if self.checksum:
             if len(data) < 4:
                 raise ValueError(f"{len(data)} bytes is too short to hold a crc32c")
-            if crc32c.crc32c(data[:-4]) != int.from_bytes(data[-4:], "little"):
+            if not self.crc_matches(data[:-4], data[-4:]):
                 raise ValueError("it failed its crc32c checksum")
             data = data[:-4]
         if self.compressor is None:

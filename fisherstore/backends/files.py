@@ -95,10 +95,11 @@ class LocalFiles:
         return os.path.join(self.root, *parts)
 
     def check_no_links(self, key: str) -> None:
-        """Refuse a key any of whose directories is a symbolic link (before writing or deleting there).
+        """Refuse a key any of whose directories is a symbolic link (before writing, deleting or reading there).
 
         A crafted store could link a task or parameter directory to another store: a writer
-        following the link would overwrite or delete data that is not its own.
+        following the link would overwrite or delete data that is not its own, and a reader
+        would return another store's values as this one's.
         """
         path = self.root
         for part in [k for k in key.split("/") if k]:
@@ -109,7 +110,7 @@ class LocalFiles:
                 return
             if stat.S_ISLNK(st.st_mode):
                 raise CorruptStoreError(
-                    f"{path!r} is a symbolic link; fisherstore never writes or deletes through a link inside "
+                    f"{path!r} is a symbolic link; fisherstore never reads, writes or deletes through a link inside "
                     "a store. Remove the link (or open the store it points to directly)."
                 )
 
@@ -172,13 +173,48 @@ class LocalFiles:
         if durable:
             _fsync_dir(d)
 
-    def read_bounded(self, key: str, limit: int) -> bytes | None:
-        """At most ``limit`` bytes of ``key`` (more would mean damage: the caller checks), or None if absent."""
+    def _open_regular(self, key: str) -> int | None:
+        """A read descriptor of ``key``'s regular file, or None if absent; a link, device or FIFO is refused.
+
+        ``O_NOFOLLOW`` and ``O_NONBLOCK``: a link in a crafted store must not make a reader
+        read outside it, and a FIFO must not hang it.
+        """
+        path = self.path(key)
         try:
-            with open(self.path(key), "rb") as f:
-                return f.read(limit)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CorruptStoreError(f"{path!r} is a symbolic link where fisherstore keeps a file; remove it") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptStoreError(f"{path!r} is not a regular file (a device, FIFO or directory); remove it")
+        return fd
+
+    def read_bounded(self, key: str, limit: int) -> bytes | None:
+        """At most ``limit`` bytes of ``key`` (more would mean damage: the caller checks), or None if absent."""
+        fd = self._open_regular(key)
+        if fd is None:
+            return None
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read(limit)
+        finally:
+            os.close(fd)
+
+    def read_into(self, key: str, buffers: list[memoryview]) -> int | None:
+        """Fill ``buffers`` from the start of ``key`` in one ``preadv`` (no copy); bytes read, one more if the file
+        is longer than they are (the caller checks), or None if absent."""
+        fd = self._open_regular(key)
+        if fd is None:
+            return None
+        try:
+            got = os.preadv(fd, buffers, 0)
+            return got + len(os.pread(fd, 1, got)) if got == sum(b.nbytes for b in buffers) else got
+        finally:
+            os.close(fd)
 
     def create(self, key: str, data: bytes) -> bool:
         """Create ``key`` only if absent (``O_EXCL``); False if it exists."""
