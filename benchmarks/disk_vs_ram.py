@@ -423,7 +423,7 @@ def collector_overhead(steps: int = 6) -> dict[str, Any]:
     import torch
 
     from fisherstore import FisherCollector
-    from fisherstore.cli import _demo_batch, _demo_model
+    from fisherstore.demo import _demo_batch, _demo_model
 
     model = _demo_model()
     out = {}
