@@ -29,7 +29,6 @@ from .options import StoreOptions
 from .plots import plot_mass
 from .qkov import heatmap_png
 from .store import FisherStore, StepWriter
-from .views import MissingDependencyError
 
 __all__ = [
     "__version__",
@@ -49,6 +48,5 @@ __all__ = [
     "RankGroup",
     "heatmap_png",
     "plot_mass",
-    "MissingDependencyError",
     *_errors.__all__,
 ]

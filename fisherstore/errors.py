@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "FisherStoreError",
@@ -34,6 +35,7 @@ __all__ = [
     "SliceError",
     "RecoveryWarning",
     "StepDiscardedWarning",
+    "MissingDependencyError",
 ]
 
 
@@ -138,6 +140,23 @@ class RecoveryWarning(UserWarning):
 
 class StoreLockedError(FisherStoreError, BlockingIOError):
     """Another writer holds the store's lock."""
+
+
+class MissingDependencyError(FisherStoreError, ImportError):
+    """An optional dependency (xarray, Dask, pandas, matplotlib, obstore) is not installed."""
+
+
+def require(module: str, what: str, extra: str = "views") -> Any:
+    """Import an optional dependency, or say which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        top = module.split(".")[0]
+        raise MissingDependencyError(
+            f"{what} needs {top}, which is not installed: pip install 'fisherstore[{extra}]' (or pip install {top})"
+        ) from e
 
 
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidArgumentError
+from .figures import figure, panel, save
 from .regions import Region, region_shape
 
 __all__ = ["BlockJob", "plan_blocks", "block_inputs", "weighted_gram", "contribution_mean", "heatmap_from_store", "top_conflicts", "compare_fishers",
@@ -259,37 +260,29 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str, title: str = "EMA
     """Per block, a [layer × head] picture of the rank correlation and of log₁₀ of the mass ratio (PNG)."""
     import math
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     blocks = [b for b in "QKVO" if any(r["block"] == b for r in rows)]
     layers = sorted({r["layer"] for r in rows}, key=lambda k: (isinstance(k, str), k))
     heads = sorted({r["head"] for r in rows})
-    fig, axes = plt.subplots(2, len(blocks), figsize=(3.2 * len(blocks), 5.6), dpi=100, squeeze=False)
+    plt, fig, axes = figure(2, len(blocks), (3.2, 2.8), what="plot_comparison")
+    from matplotlib.colors import Normalize
+
     for col, b in enumerate(blocks):
-        for row, (field, label, cmap, vmin, vmax) in enumerate((("spearman", "rank corr.", "viridis", -1, 1),
-                                                              ("mass_ratio", "log10 mass ratio", "coolwarm", None, None))):
+        for row, (field, label, cmap) in enumerate((("spearman", "rank corr.", "viridis"),
+                                                    ("mass_ratio", "log10 mass ratio", "coolwarm"))):
             grid = np.full((len(layers), len(heads)), np.nan)
             for r in rows:
-                if r["block"] == b:
-                    v = r[field]
-                    grid[layers.index(r["layer"]), heads.index(r["head"])] = (
-                        math.log10(v) if field == "mass_ratio" and v and v > 0 else v)
+                v = r[field]
+                if r["block"] != b or v is None:
+                    continue  # no value is drawn blank, never as a plausible 0
+                if field == "mass_ratio":
+                    v = math.log10(v) if v > 0 else math.nan
+                grid[layers.index(r["layer"]), heads.index(r["head"])] = v
             if field == "mass_ratio":
                 lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
-                vmin, vmax = -lim or -1, lim or 1
-            ax = axes[row][col]
-            im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
-            ax.set_title(f"{b}: {label}")
-            ax.set_xlabel("head")
-            ax.set_ylabel("layer")
-            ax.set_yticks(range(len(layers)), [str(v) for v in layers])
-            fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+                norm = Normalize(-(lim or 1), lim or 1)
+            else:
+                norm = Normalize(-1, 1)
+            panel(fig, axes[row][col], grid, layers, f"{b}: {label}", cmap, norm)
+    return save(plt, fig, path, title)

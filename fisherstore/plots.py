@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidArgumentError
+from .figures import figure, panel, save
 from .layout import BLOCKS
-from .views import require
 
 __all__ = ["mass_grid", "plot_mass"]
 
@@ -43,11 +43,6 @@ def mass_grid(df: Any, block: str, column: str = "mass") -> tuple[list[Any], np.
 
 def plot_mass(df: Any, path: str, *, compare: Any = None, title: str | None = None) -> str:
     """Draw the per-block [layer x head] heat map of ``df`` (and of ``compare`` against it) into ``path``."""
-    matplotlib = require("matplotlib", "plotting")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm, TwoSlopeNorm
-
     a_name = df.attrs.get("task", "A")
     blocks = [b for b in BLOCKS if mass_grid(df, b)[0]]
     if not blocks:
@@ -55,37 +50,34 @@ def plot_mass(df: Any, path: str, *, compare: Any = None, title: str | None = No
             f"task {a_name!r} has no parameter with a head layout, so there is no [layer x head] map to draw; "
             "collect attention projections (the default params) to plot one"
         )
+    plt, fig, axes = figure(1 if compare is None else 3, len(blocks), (3.4, 3.2 if compare is None else 8.6 / 3))
+    from matplotlib.colors import LogNorm, TwoSlopeNorm
+
     if compare is None:
-        fig, axes = plt.subplots(1, len(blocks), figsize=(3.4 * len(blocks), 3.2), dpi=100, squeeze=False)
         for ax, b in zip(axes[0], blocks):
             layers, g = mass_grid(df, b)
-            _panel(fig, ax, g, layers, f"{b} mass", "magma", _log_norm(LogNorm, g))
-        fig.suptitle(title or f"Fisher mass per head block: task {a_name!r} (step {df.attrs.get('step', '?')})")
-    else:
-        b_name = compare.attrs.get("task", "B")
-        fig, axes = plt.subplots(3, len(blocks), figsize=(3.4 * len(blocks), 8.6), dpi=100, squeeze=False)
-        for col, b in enumerate(blocks):
-            layers, ga = mass_grid(df, b, "share")
-            layers_b, gb = mass_grid(compare, b, "share")
-            if layers_b != layers or gb.shape != ga.shape:
-                raise InvalidArgumentError(
-                    f"tasks {a_name!r} and {b_name!r} hold different {b} head blocks (layers {layers} vs "
-                    f"{layers_b}); compare tasks collected on the same model and parameters"
-                )
-            norm = _log_norm(LogNorm, np.concatenate([ga.ravel(), gb.ravel()]))
-            _panel(fig, axes[0, col], ga, layers, f"{b}: share of {a_name!r}", "magma", norm)
-            _panel(fig, axes[1, col], gb, layers, f"{b}: share of {b_name!r}", "magma", norm)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.log2(gb / ga)
-            ratio[~np.isfinite(ratio)] = np.nan
-            lim = max(float(np.nanmax(np.abs(ratio))) if np.isfinite(ratio).any() else 0.0, 1e-3)
-            _panel(fig, axes[2, col], ratio, layers, f"{b}: log2({b_name!r}/{a_name!r})", "RdBu_r",
-                   TwoSlopeNorm(0.0, -lim, lim))
-        fig.suptitle(title or f"Fisher mass share per head block: {a_name!r} vs {b_name!r}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+            panel(fig, ax, g, layers, f"{b} mass", "magma", _log_norm(LogNorm, g), positive_only=True)
+        return save(plt, fig, path,
+                    title or f"Fisher mass per head block: task {a_name!r} (step {df.attrs.get('step', '?')})")
+    b_name = compare.attrs.get("task", "B")
+    for col, b in enumerate(blocks):
+        layers, ga = mass_grid(df, b, "share")
+        layers_b, gb = mass_grid(compare, b, "share")
+        if layers_b != layers or gb.shape != ga.shape:
+            raise InvalidArgumentError(
+                f"tasks {a_name!r} and {b_name!r} hold different {b} head blocks (layers {layers} vs "
+                f"{layers_b}); compare tasks collected on the same model and parameters"
+            )
+        norm = _log_norm(LogNorm, np.concatenate([ga.ravel(), gb.ravel()]))
+        panel(fig, axes[0, col], ga, layers, f"{b}: share of {a_name!r}", "magma", norm, positive_only=True)
+        panel(fig, axes[1, col], gb, layers, f"{b}: share of {b_name!r}", "magma", norm, positive_only=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.log2(gb / ga)
+        ratio[~np.isfinite(ratio)] = np.nan
+        lim = max(float(np.nanmax(np.abs(ratio))) if np.isfinite(ratio).any() else 0.0, 1e-3)
+        panel(fig, axes[2, col], ratio, layers, f"{b}: log2({b_name!r}/{a_name!r})", "RdBu_r",
+              TwoSlopeNorm(0.0, -lim, lim))
+    return save(plt, fig, path, title or f"Fisher mass share per head block: {a_name!r} vs {b_name!r}")
 
 
 def _log_norm(LogNorm: Any, values: np.ndarray) -> Any:
@@ -95,14 +87,3 @@ def _log_norm(LogNorm: Any, values: np.ndarray) -> Any:
         return None
     lo, hi = float(pos.min()), float(pos.max())
     return LogNorm(lo, hi if hi > lo else lo * 10)
-
-
-def _panel(fig: Any, ax: Any, grid: np.ndarray, layers: list[Any], title: str, cmap: str, norm: Any) -> None:
-    masked = np.ma.masked_invalid(np.where(grid > 0, grid, np.nan) if cmap == "magma" else grid)
-    im = ax.imshow(masked, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(grid.shape[1]))
-    ax.set_yticks(range(len(layers)), [str(v) for v in layers])
-    fig.colorbar(im, ax=ax, fraction=0.046)

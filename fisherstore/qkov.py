@@ -34,6 +34,7 @@ import torch
 
 from . import phase6
 from .errors import HeadIndexError, LayoutError, UnknownParamError, close_matches
+from .figures import figure, panel, save
 from .layout import BLOCKS, ParamLayout
 from .lazy import LazyFisher
 from .models import layer_keys, layouts_from_model
@@ -331,24 +332,9 @@ def heatmap_png(heat: Mapping[str, Any], path: str, title: str = "QK-OV interfer
     "layers": [...]}``); needs matplotlib (``pip install 'fisherstore[plot]'``).
     Usage: ``fisherstore.heatmap_png(qk.heatmap(C, g, F), "qkov.png")``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     blocks = [b for b in BLOCKS if b in heat]
-    fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 3.0), dpi=100, squeeze=False)
+    plt, fig, axes = figure(1, len(blocks), (3.2, 3.0), what="heatmap_png")
     for ax, b in zip(axes[0], blocks):
         arr = np.asarray(heat[b])
-        im = ax.imshow(arr, aspect="auto", cmap="magma")
-        ax.set_title(b)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_xticks(range(arr.shape[1]))
-        ax.set_yticks(range(arr.shape[0]), [str(v) for v in heat.get("layers", range(arr.shape[0]))])
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        panel(fig, ax, arr, list(heat.get("layers", range(arr.shape[0]))), b, "magma")
+    return save(plt, fig, path, title)

@@ -24,30 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FisherStoreError
+from .errors import MissingDependencyError, require
 from .format import encode_name
 from .layout import dimension_names, head_labels
 from .lazy import LazyArray
 from .models import layer_keys
 
-__all__ = ["to_dask", "to_xarray", "block_sums", "require"]
-
-
-def require(module: str, what: str) -> Any:
-    """Import an optional dependency, or say how to install it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        top = module.split(".")[0]
-        raise MissingDependencyError(
-            f"{what} needs {top}, which is not installed: pip install 'fisherstore[views]' (or pip install {top})"
-        ) from e
-
-
-class MissingDependencyError(FisherStoreError, ImportError):
-    """An optional dependency of a view (xarray, Dask, pandas, matplotlib) is not installed."""
+__all__ = ["to_dask", "to_xarray", "block_sums", "require", "MissingDependencyError"]
 
 
 def to_dask(store: Any, task: str, name: str, *, bias_corrected: bool = True) -> Any:
