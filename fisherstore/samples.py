@@ -50,6 +50,7 @@ from .iopool import IOPool, wait_all
 from .layout import ParamLayout
 from .manifest import SAMPLE_DTYPES, SampleSegment
 from .regions import Region, chunk_region, full_region, iter_grid, region_shape
+from .transaction import Transaction
 
 __all__ = ["SampleBatch", "LazySamples", "TORCH_DTYPES", "new_segment", "samples_of"]
 
@@ -72,7 +73,7 @@ def _to_carrier(x: torch.Tensor) -> np.ndarray:
     return x.numpy()
 
 
-class SampleBatch:
+class SampleBatch(Transaction):
     """Writes one segment of ``n`` samples' gradients; use as a context manager.
 
     Each :meth:`add` copies one sample's gradient of one parameter and writes its head-block
@@ -102,14 +103,6 @@ class SampleBatch:
 
     def __enter__(self) -> SampleBatch:
         return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self.state != "open":
-            return
-        if exc_type is not None:
-            self.discard()
-            return
-        self.settle()
 
     def __repr__(self) -> str:
         return f"<SampleBatch task={self.task.name!r} segment={self.segment} n={self.n} {self.state}>"

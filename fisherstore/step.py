@@ -42,6 +42,7 @@ from .regions import (
     split_axis,
 )
 from .residency import HostCopy
+from .transaction import Transaction
 
 if TYPE_CHECKING:
     from .write import WritePath
@@ -52,7 +53,7 @@ __all__ = ["StepWriter"]
 CreateParam = Callable[[str, str, tuple[int, ...], ParamLayout | None], ParamState]
 
 
-class StepWriter:
+class StepWriter(Transaction):
     """One EMA step under construction; get one from :meth:`FisherStore.begin_step`.
 
     Use it as a context manager. Leaving the ``with`` block settles the step: it is
@@ -79,21 +80,13 @@ class StepWriter:
         self.touched: set[str] = set()
         self.skipped: dict[str, int] = {}
         self.checks = StepChecks()
-        self._state = "open"
+        self.state = "open"
 
     def __enter__(self) -> StepWriter:
         return self
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self._state != "open":
-            return
-        if exc_type is not None:
-            self.discard()
-            return
-        self.settle()
-
     def __repr__(self) -> str:
-        return f"<StepWriter task={self.task!r} step={self.t} params={len(self.touched)} {self._state}>"
+        return f"<StepWriter task={self.task!r} step={self.t} params={len(self.touched)} {self.state}>"
 
     # -- feeding ------------------------------------------------------------------------------
     def add(self, name: str, grad_sq: Any, region: Any = None, *, trusted: bool = False, donate: bool = False,
@@ -111,8 +104,8 @@ class StepWriter:
         without a snapshot (on a side stream). ``final``: no more contributions of ``name``
         come this step, so a sum kept on the device starts its one copy to the host now.
         """
-        if self._state != "open":
-            raise StepError(f"step {self.t} of task {self.task!r} is {self._state}; start a new step")
+        if self.state != "open":
+            raise StepError(f"step {self.t} of task {self.task!r} is {self.state}; start a new step")
         p = self._param_for(name, grad_sq, region)
         if not p.owned:
             raise StepError(
@@ -212,7 +205,7 @@ class StepWriter:
             raise
         with self.path.lock:
             self._apply()
-        self._state = "committed"
+        self.state = "committed"
         self._on_end(self, True)
 
     def _judge(self, bad: dict[str, Any]) -> None:
@@ -236,9 +229,9 @@ class StepWriter:
 
     def discard(self) -> None:
         """Drop this step whole: nothing it fed reaches the store. Safe to call twice."""
-        if self._state != "open":
+        if self.state != "open":
             return
-        self._state = "aborted"
+        self.state = "aborted"
         self.fills.discard()
         wait_all(self.futures)
         self.path.discard(self.task_state, self.streamed)
