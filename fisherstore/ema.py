@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from .errors import (
     InvalidArgumentError,
-    InvalidGradientError,
-    NonFiniteGradientError,
     PrecisionError,
-    ShapeMismatchError,
 )
 
 __all__ = [
@@ -44,7 +40,6 @@ __all__ = [
     "step_weight",
     "accumulate_",
     "fold",
-    "as_grad_sq",
 ]
 
 #: EMA state is always fp32 on disk and in RAM (DESIGN §2 "Precision").
@@ -135,74 +130,3 @@ def fold(F: torch.Tensor, A: torch.Tensor, beta: float, k: int, out: torch.Tenso
     out = F if out is None else out
     torch.mul(F, decay_factor(beta, k), out=out)
     return out.add_(A)
-
-
-def as_grad_sq(
-    x: object,
-    name: str,
-    shape: tuple[int, ...] | None,
-    nonfinite: str = "raise",
-) -> torch.Tensor | None:
-    """Validate a squared gradient and return it as an fp32 contiguous tensor on its device.
-
-    Returns ``None`` when ``nonfinite="skip"`` (one of :data:`NONFINITE_POLICIES`, checked
-    once by :class:`~fisherstore.options.StoreOptions`) and the tensor holds NaN/Inf (the
-    caller counts the skip). Never modifies ``x``.
-
-    Raises:
-        InvalidGradientError: not a real floating tensor, or negative entries.
-        NonFiniteGradientError: NaN/Inf with ``nonfinite="raise"``.
-        ShapeMismatchError: the shape differs from ``shape``.
-    """
-    if isinstance(x, np.ndarray):
-        if not np.issubdtype(x.dtype, np.floating):
-            raise InvalidGradientError(
-                f"squared gradient for {name!r} has dtype {x.dtype}; pass a real floating-point "
-                "tensor (float32 is best)"
-            )
-        # Any float width or byte order (big-endian, longdouble) becomes native fp32 here; a value
-        # beyond fp32's range becomes inf and is refused below like any other.
-        with np.errstate(over="ignore"):
-            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    if not isinstance(x, torch.Tensor):
-        raise InvalidGradientError(
-            f"squared gradient for {name!r} is a {type(x).__name__}; pass a torch.Tensor or numpy array"
-        )
-    if x.is_meta:
-        raise InvalidGradientError(
-            f"squared gradient for {name!r} is a meta tensor (a shape without values); pass a real tensor"
-        )
-    if x.layout != torch.strided:
-        x = x.to_dense()  # sparse gradients (embeddings with sparse=True): the same values, dense
-    if not x.is_floating_point():
-        raise InvalidGradientError(
-            f"squared gradient for {name!r} has dtype {x.dtype}; pass a real floating-point "
-            "tensor (float32 is best). Complex and integer gradients are not Fisher values."
-        )
-    if shape is not None and tuple(x.shape) != tuple(shape):
-        raise ShapeMismatchError(
-            f"squared gradient for {name!r} has shape {tuple(x.shape)}, but the stored "
-            f"parameter has shape {tuple(shape)}. Pass grad**2 of that exact parameter "
-            "(not a per-head or reduced vector)."
-        )
-    x = x.detach().to(dtype=STATE_DTYPE).contiguous()
-    if x.numel():
-        lo, hi = torch.aminmax(x)
-        lo_v, hi_v = float(lo), float(hi)
-        if math.isnan(lo_v) or math.isinf(hi_v) or lo_v == -math.inf:
-            n_bad = int((~torch.isfinite(x)).sum())
-            if nonfinite == "skip":
-                return None
-            raise NonFiniteGradientError(
-                f"squared gradient for {name!r} has {n_bad} non-finite value(s) (NaN/Inf) out of "
-                f"{x.numel()}; the EMA would be poisoned. Fix the loss scale or clip gradients, "
-                "or pass nonfinite='skip' to drop this parameter's update (it is counted in the "
-                "task metadata)."
-            )
-        if lo_v < 0:
-            n_neg = int((x < 0).sum())
-            raise InvalidGradientError(
-                f"squared gradient for {name!r} has {n_neg} negative value(s) (min {lo_v:g}); "
-                "grad² cannot be negative. Pass grad.pow(2), not the gradient itself."
-            )
-    return x

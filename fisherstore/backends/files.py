@@ -122,18 +122,11 @@ class LocalFiles:
         never a hang or an exhausted memory.
         """
         path = self.path(key)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
+        fd = self._open_regular(key)
+        if fd is None:
             return None
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise CorruptStoreError(f"{path!r} is a symbolic link where fisherstore keeps a file; remove it") from None
-            raise
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CorruptStoreError(f"{path!r} is not a regular file (a device, FIFO or directory); remove it")
             if st.st_size > limit:
                 raise CorruptStoreError(
                     f"{path!r} is {st.st_size} bytes, more than the {limit} a fisherstore document can be; "
