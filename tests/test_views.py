@@ -170,3 +170,17 @@ def test_views_without_the_extra_say_how_to_install_it(collected, monkeypatch):
     with fisherstore.open(path, mode="r", backend=backend) as s:
         with pytest.raises(fisherstore.MissingDependencyError, match=r"pip install 'fisherstore\[views\]'"):
             s.to_xarray("a")
+
+
+def test_every_plot_without_matplotlib_says_how_to_install_it(monkeypatch, tmp_path):
+    import sys
+
+    from fisherstore.phase6 import plot_comparison
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    heat = {"Q": np.ones((2, 4)), "layers": [0, 1]}
+    rows = [{"block": "Q", "layer": 0, "head": 0, "spearman": 0.5, "mass_ratio": 2.0}]
+    for draw in (lambda: fisherstore.heatmap_png(heat, str(tmp_path / "h.png")),
+                 lambda: plot_comparison(rows, str(tmp_path / "c.png"))):
+        with pytest.raises(fisherstore.MissingDependencyError, match=r"pip install 'fisherstore\[plot\]'"):
+            draw()
