@@ -73,6 +73,26 @@ def _ignore_missing(func: Any, path: str, exc_info: Any) -> None:
         raise exc_info[1]
 
 
+def open_regular(path: str) -> int | None:
+    """A read descriptor of the regular file at ``path``, or None if absent; a link, device or FIFO is refused.
+
+    ``O_NOFOLLOW`` and ``O_NONBLOCK``: a link in a crafted store must not make a reader
+    read outside it, and a FIFO must not hang it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptStoreError(f"{path!r} is a symbolic link where fisherstore keeps a file; remove it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptStoreError(f"{path!r} is not a regular file (a device, FIFO or directory); remove it")
+    return fd
+
+
 class LocalFiles:
     """A directory as a store of bytes by key (``kind = "file"``).
 
@@ -122,7 +142,7 @@ class LocalFiles:
         never a hang or an exhausted memory.
         """
         path = self.path(key)
-        fd = self._open_regular(key)
+        fd = open_regular(path)
         if fd is None:
             return None
         try:
@@ -166,29 +186,9 @@ class LocalFiles:
         if durable:
             _fsync_dir(d)
 
-    def _open_regular(self, key: str) -> int | None:
-        """A read descriptor of ``key``'s regular file, or None if absent; a link, device or FIFO is refused.
-
-        ``O_NOFOLLOW`` and ``O_NONBLOCK``: a link in a crafted store must not make a reader
-        read outside it, and a FIFO must not hang it.
-        """
-        path = self.path(key)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise CorruptStoreError(f"{path!r} is a symbolic link where fisherstore keeps a file; remove it") from None
-            raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise CorruptStoreError(f"{path!r} is not a regular file (a device, FIFO or directory); remove it")
-        return fd
-
     def read_bounded(self, key: str, limit: int) -> bytes | None:
         """At most ``limit`` bytes of ``key`` (more would mean damage: the caller checks), or None if absent."""
-        fd = self._open_regular(key)
+        fd = open_regular(self.path(key))
         if fd is None:
             return None
         try:
@@ -200,7 +200,7 @@ class LocalFiles:
     def read_into(self, key: str, buffers: list[memoryview]) -> int | None:
         """Fill ``buffers`` from the start of ``key`` in one ``preadv`` (no copy); bytes read, one more if the file
         is longer than they are (the caller checks), or None if absent."""
-        fd = self._open_regular(key)
+        fd = open_regular(self.path(key))
         if fd is None:
             return None
         try:
