@@ -217,6 +217,12 @@ class FisherCollector(GroupView):
         """Per-sample gradients of the tracked parameters (or ``names``) into ``task``; see :mod:`fisherstore.persample`."""
         from .persample import collect_samples
 
+        if self.group.world_size > 1:  # before any collective: every rank raises alike
+            raise InvalidArgumentError(
+                "collect_samples runs in one process: each sample's gradient is written whole by the process that "
+                "computed it, and segments are not shared across ranks. Collect per-sample gradients on one rank, "
+                "with a collector opened without a group"
+            )
         self._check_loss(model)
         layouts = self.layouts(model)
         chosen = list(names) if names is not None else self._select(model, layouts)

@@ -165,6 +165,14 @@ def dp_rank_main(rank: int, world: int, init: str, root: str, conn) -> None:
         except fisherstore.InvalidArgumentError as e:
             out["refused"] = str(e)
         fc.close()
+        # per-sample gradients are collected in one process: a group is refused before any collective
+        fc = fisherstore.FisherCollector(backend="zarr", path=os.path.join(root, "samples"), mode="w", group=group)
+        try:
+            fc.collect_samples(model, dp_batch(rank, 0), task="s")
+            out["samples_refused"] = ""
+        except fisherstore.InvalidArgumentError as e:
+            out["samples_refused"] = str(e)
+        fc.close()
         dist.destroy_process_group()
         conn.send(("ok", out))
     except BaseException as e:  # report, so the parent fails with the cause instead of a hang
@@ -253,3 +261,9 @@ def test_same_batch_on_every_rank_without_reduction(dp_run):
     for r in results:
         assert "data_parallel=False means every rank sees the same batch" in r["refused"]
         assert "pass data_parallel=True" in r["refused"]
+
+
+def test_per_sample_collection_with_a_rank_group_is_refused_on_every_rank(dp_run):
+    _, per_rank = dp_run
+    for out in per_rank:
+        assert "collect_samples runs in one process" in out["samples_refused"]
