@@ -12,12 +12,13 @@ Usage::
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 __all__ = ["Transaction"]
 
 
-class Transaction:
+class Transaction(abc.ABC):
     """``state`` is ``"open"`` until :meth:`settle` or :meth:`discard` ends it."""
 
     state: str = "open"
@@ -33,8 +34,10 @@ class Transaction:
             return
         self.settle()
 
-    def settle(self) -> None:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def settle(self) -> None:
+        """Apply the unit whole."""
 
-    def discard(self) -> None:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def discard(self) -> None:
+        """Drop the unit whole."""

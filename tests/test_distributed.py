@@ -159,19 +159,11 @@ def dp_rank_main(rank: int, world: int, init: str, root: str, conn) -> None:
         # data_parallel=False says the ranks see the same batch: different batches are refused on every rank
         fc = fisherstore.FisherCollector(backend="zarr", path=os.path.join(root, "refused"), mode="w",
                                          micro_batch_size=2, group=group, data_parallel=False)
-        try:
-            fc.collect_fisher(model, dp_batch(rank, 0), task="t")
-            out["refused"] = ""
-        except fisherstore.InvalidArgumentError as e:
-            out["refused"] = str(e)
+        out["refused"] = _refusal(lambda: fc.collect_fisher(model, dp_batch(rank, 0), task="t"))
         fc.close()
         # per-sample gradients are collected in one process: a group is refused before any collective
         fc = fisherstore.FisherCollector(backend="zarr", path=os.path.join(root, "samples"), mode="w", group=group)
-        try:
-            fc.collect_samples(model, dp_batch(rank, 0), task="s")
-            out["samples_refused"] = ""
-        except fisherstore.InvalidArgumentError as e:
-            out["samples_refused"] = str(e)
+        out["samples_refused"] = _refusal(lambda: fc.collect_samples(model, dp_batch(rank, 0), task="s"))
         fc.close()
         dist.destroy_process_group()
         conn.send(("ok", out))
@@ -179,6 +171,15 @@ def dp_rank_main(rank: int, world: int, init: str, root: str, conn) -> None:
         import traceback
 
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _refusal(call):
+    """The message of the InvalidArgumentError ``call`` raises ('' if it raises none)."""
+    try:
+        call()
+    except fisherstore.InvalidArgumentError as e:
+        return str(e)
+    return ""
 
 
 @pytest.fixture(scope="module")
