@@ -423,19 +423,19 @@ def collector_overhead(steps: int = 6) -> dict[str, Any]:
     import torch
 
     from fisherstore import FisherCollector
-    from fisherstore.demo import _demo_batch, _demo_model
+    from fisherstore.cli.demo import demo_batch, demo_model
 
-    model = _demo_model()
+    model = demo_model()
     out = {}
     with tempfile.TemporaryDirectory() as d:
         for backend in ("ram", "zarr", "tensorstore"):
             torch.manual_seed(0)
             fc = FisherCollector(backend=backend, path=None if backend == "ram" else os.path.join(d, backend),
                                  flush_every=3)
-            fc.collect_fisher(model, _demo_batch(0, seed=0))  # warm-up
+            fc.collect_fisher(model, demo_batch(0, seed=0))  # warm-up
             t0 = time.perf_counter()
             for i in range(steps):
-                fc.collect_fisher(model, _demo_batch(0, seed=i + 1))
+                fc.collect_fisher(model, demo_batch(0, seed=i + 1))
             fc.flush()
             out[backend] = {"s_per_step": (time.perf_counter() - t0) / steps}
             fc.close()

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from fisherstore import ParamLayout
-from fisherstore.layout import chunk_shape
-from fisherstore.regions import split_axis
+from fisherstore.spec.layout import chunk_shape
+from fisherstore.spec.regions import split_axis
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SLAB_ELEMS = 4 << 20  # 16 MiB of fp32

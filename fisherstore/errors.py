@@ -1,8 +1,11 @@
-"""Exceptions raised by fisherstore.
+"""Every exception and warning fisherstore raises, and the helpers that word their messages.
 
 Every error names the thing that is wrong (task, parameter, head, path) and says what to
 do about it. Each class also derives from the matching builtin (``KeyError``,
-``IndexError``, ``ValueError``, ...) so generic handlers keep working.
+``IndexError``, ``ValueError``, ...) so generic handlers keep working. All of them
+subclass :class:`FisherStoreError`, except the warnings and :class:`ChunkError`, the read
+path's internal signal for one bad chunk (it never reaches a caller: the store turns it
+into a :class:`CorruptChunkError` naming the task and parameter).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ __all__ = [
     "RecoveryWarning",
     "StepDiscardedWarning",
     "MissingDependencyError",
+    "BatchesChangedError",
+    "StoredDecayWarning",
+    "FisherCallbackWarning",
 ]
 
 
@@ -140,6 +146,31 @@ class RecoveryWarning(UserWarning):
 
 class StoreLockedError(FisherStoreError, BlockingIOError):
     """Another writer holds the store's lock."""
+
+
+class BatchesChangedError(FisherStoreError, ValueError):
+    """A pass of a multi-pass run (``collect_fisher_dataset``) saw other batches than the first pass."""
+
+
+class StoredDecayWarning(UserWarning):
+    """A task's stored EMA β differs from the collector's ``ema_decay``; the stored one is used."""
+
+
+class FisherCallbackWarning(UserWarning):
+    """The Trainer's loss weights micro-batches unequally, so ``x`` is not exactly the token-summed square."""
+
+
+class ChunkError(OSError):
+    """One chunk is missing, truncated or fails its checksum; ``chunk`` is its grid index.
+
+    Raised by a backend's direct reads. Deliberately not a :class:`FisherStoreError`: the
+    read path catches backend errors that are not its own and names the task, parameter
+    and every bad chunk in a :class:`CorruptChunkError`.
+    """
+
+    def __init__(self, err: int, msg: str, path: str, chunk: tuple[int, ...]) -> None:
+        super().__init__(err, msg, path)
+        self.chunk = tuple(chunk)
 
 
 class MissingDependencyError(FisherStoreError, ImportError):

@@ -31,6 +31,9 @@ Usage::
 
     fc = FisherCollector(loss_fn=seq2seq_lm)
     fc.collect_fisher(bart, {"input_ids": src, "attention_mask": src_mask, "labels": tgt})
+
+Whatever the loss, the collector calls it through :func:`call_loss` (which checks what it
+returns) and first asks :func:`check_loss` whether it can be the model's at all.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 
-__all__ = ["LossFn", "TokenLoss", "causal_lm", "seq2seq_lm", "masked_lm", "IGNORE_INDEX"]
+__all__ = ["LossFn", "TokenLoss", "causal_lm", "seq2seq_lm", "masked_lm", "IGNORE_INDEX", "call_loss", "check_loss",
+           "loss_name"]
 
 #: The label that marks a position with nothing to predict (Hugging Face's convention).
 IGNORE_INDEX = -100
@@ -182,3 +186,55 @@ causal_lm = CausalLM()
 seq2seq_lm = Seq2SeqLM()
 #: Masked-token loss on unshifted ``labels``.
 masked_lm = MaskedLM()
+
+
+# -- calling a loss, and checking it fits the model ---------------------------------------------
+def check_loss(loss_fn: Any, model: nn.Module) -> None:
+    """Refuse a loss that cannot be this model's: it would train on the wrong targets, silently."""
+    cfg = getattr(model, "config", None)
+    enc_dec = bool(getattr(cfg, "is_encoder_decoder", False))
+    cls = type(model).__name__
+    if isinstance(loss_fn, CausalLM) and enc_dec:
+        raise InvalidArgumentError(
+            f"{cls} is an encoder-decoder model (config.is_encoder_decoder), but loss_fn is the causal-LM "
+            "loss, which would shift the encoder's input_ids into targets. Pass "
+            "loss_fn=fisherstore.losses.seq2seq_lm and put the decoder targets in batch['labels']"
+        )
+    if isinstance(loss_fn, CausalLM) and cls.endswith("ForMaskedLM"):
+        raise InvalidArgumentError(
+            f"{cls} is a masked language model, but loss_fn is the causal-LM loss, which would predict "
+            "each next token of a model that sees the whole sequence. Pass "
+            "loss_fn=fisherstore.losses.masked_lm and put the masked targets in batch['labels']"
+        )
+    if isinstance(loss_fn, Seq2SeqLM) and cfg is not None and not enc_dec:
+        raise InvalidArgumentError(
+            f"{cls} is not an encoder-decoder model (config.is_encoder_decoder is False), but loss_fn is "
+            "seq2seq_lm, which uses labels unshifted. Pass loss_fn=fisherstore.losses.causal_lm "
+            "(decoder-only) or fisherstore.losses.masked_lm (masked LM)"
+        )
+
+
+
+
+def loss_name(loss_fn: Any) -> str:
+    return str(getattr(loss_fn, "name", None) or getattr(loss_fn, "__name__", None) or type(loss_fn).__name__)
+
+
+def call_loss(loss_fn: Any, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
+    """``loss_fn(model, batch)``, checked: a scalar tensor and a non-negative token count."""
+    out = loss_fn(model, batch)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
+        raise InvalidArgumentError(
+            f"loss_fn {loss_name(loss_fn)} must return (loss_sum: Tensor, n_tokens: int), got {type(out).__name__}; "
+            "see fisherstore.losses"
+        )
+    loss, n = out
+    n = int(n.item()) if isinstance(n, torch.Tensor) else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise InvalidArgumentError(f"loss_fn {loss_name(loss_fn)} returned n_tokens={n!r}; it must be an int >= 0")
+    if loss.numel() != 1:
+        raise InvalidArgumentError(
+            f"loss_fn {loss_name(loss_fn)} returned a loss of shape {tuple(loss.shape)}; it must be the scalar "
+            "token-summed loss (reduction='sum')"
+        )
+    return loss, n

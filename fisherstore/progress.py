@@ -6,10 +6,10 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["progress_bar"]
+__all__ = ["progress_bar", "NoBar"]
 
 
-class _NoBar:
+class NoBar:
     """The bar of work too small (or a run too quiet) to show one."""
 
     def update(self, n: int = 1) -> None:
@@ -23,7 +23,7 @@ def progress_bar(total: int, enabled: bool | None, desc: str, *, unit: str = "B"
     ``enabled``: None shows it on a TTY, False never, True always. ``unit="B"`` counts bytes.
     """
     if enabled is False or total <= 0:
-        yield _NoBar()
+        yield NoBar()
         return
     from tqdm.auto import tqdm
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fisherstore import FisherCollector, InvalidArgumentError, LayoutError
-from fisherstore.collector import StoredDecayWarning
+from fisherstore.errors import StoredDecayWarning
 from fisherstore.losses import causal_lm, masked_lm, seq2seq_lm
 from tests.models import bert_layouts, masked_batch, seq2seq_batch, tiny_model, token_batch
 

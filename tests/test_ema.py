@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import fisherstore
 from fisherstore import PrecisionError
-from fisherstore.ema import accumulate_, bias_correction, fold, readout_scale, step_weight
+from fisherstore.spec.ema import accumulate_, bias_correction, fold, readout_scale, step_weight
 
 SHAPES = {"a": (6, 5), "b": (4,)}
 

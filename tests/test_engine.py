@@ -12,7 +12,7 @@ import torch
 import fisherstore
 from fisherstore import ParamLayout, ShapeMismatchError
 from fisherstore.backends.zarr_backend import ZarrBackend
-from fisherstore.residency import MemoryPlan
+from fisherstore.engine.memory import MemoryPlan
 from fisherstore.store import FisherStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

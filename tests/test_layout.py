@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fisherstore import HeadIndexError, LayoutError, ParamLayout
-from fisherstore.layout import chunk_shape
-from fisherstore.regions import iter_slabs
+from fisherstore.spec.layout import chunk_shape
+from fisherstore.spec.regions import iter_slabs
 
 A = ParamLayout.attention
 
@@ -227,7 +227,7 @@ def test_slabs_stay_near_target_when_several_axes_are_split(shape, chunks, targe
 
 
 def test_dimension_names_name_the_head_axis():
-    from fisherstore.layout import dimension_names, head_labels
+    from fisherstore.spec.layout import dimension_names, head_labels
 
     assert dimension_names(2, A("q", 32, 128)) == ("out_heads", "in")
     assert dimension_names(2, A("o", 32, 128)) == ("out", "in_heads")

@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 from fisherstore import LayoutError, ParamLayout, UnknownParamError
-from fisherstore.models import attention_param_names, layer_index, layer_keys, layouts_from_model
+from fisherstore.collect.models import layouts_from_model
+from fisherstore.spec.layers import layer_index, layer_keys
+from fisherstore.spec.layout import attention_param_names
 from tests.models import TINY, tiny_model, token_batch
 
 
@@ -255,7 +257,7 @@ def test_moe_experts_are_chunked_like_large_matrices_and_store_grad_squared(tmp_
 
 
 def test_conv1d_and_gpt_neox_are_recognised_by_class_not_name():
-    from fisherstore.models import _is_conv1d, _is_interleaved_qkv
+    from fisherstore.collect.models import _is_conv1d, _is_interleaved_qkv
 
     gpt2, pythia = tiny_model("gpt2"), tiny_model("pythia")
     assert _is_conv1d(gpt2.transformer.h[0].attn.c_attn) and not _is_conv1d(nn.Linear(4, 3))

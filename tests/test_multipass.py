@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 
 import fisherstore
 from fisherstore import FisherCollector, InvalidArgumentError
-from fisherstore.multipass import BatchesChangedError, plan_passes
+from fisherstore.collect.multipass import plan_passes
+from fisherstore.errors import BatchesChangedError
 from tests.models import tiny_model, token_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

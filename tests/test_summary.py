@@ -8,7 +8,8 @@ import torch
 import fisherstore
 from fisherstore import FisherCollector
 from fisherstore.cli import main
-from fisherstore.plots import mass_grid
+from fisherstore.views.plots import mass_grid
+from fisherstore.views.summary import COLUMNS
 from tests.models import seq2seq_batch, tiny_model, token_batch
 
 
@@ -30,7 +31,7 @@ def store_path(tmp_path_factory):
 def test_every_row_is_the_sum_of_its_block(store_path):
     _, dfs, s = store_path
     df = dfs["a"]
-    assert list(df.columns) == list(fisherstore.summary.COLUMNS)
+    assert list(df.columns) == list(COLUMNS)
     assert str(df["head"].dtype) == "Int64" and str(df["layer"].dtype) == "Int64"
     assert df.attrs["step"] == 3
     for name in s.params("a"):

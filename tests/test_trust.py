@@ -214,7 +214,7 @@ def test_pending_generations_are_marked_and_info_counts_committed_state(tmp_path
 # -- 8: two writers creating one new path --------------------------------------------------------
 def _late_writer(path, winner_opened, conn):
     """A writer that finds no store, then reaches for the lock only after the winner took it."""
-    from fisherstore import lock as lock_mod
+    from fisherstore.engine import lock as lock_mod
 
     real = lock_mod.StoreLock.acquire
 

@@ -18,7 +18,8 @@ import zarr
 
 import fisherstore
 from fisherstore import FisherCollector, LazyArray, ParamLayout
-from fisherstore.layout import dimension_names
+from fisherstore.spec.format import encode_name
+from fisherstore.spec.layout import dimension_names
 from tests.models import tiny_model, token_batch
 
 ARCHS = {"a": "llama", "g": "gpt2"}  # GQA split q/k/v/o; fused Conv1D c_attn with head-laid biases
@@ -82,7 +83,7 @@ def test_every_library_reads_every_array_as_fisherstore_does(collected):
                 np.testing.assert_allclose(raw * scale, want, rtol=2e-6, atol=0)
             # the views apply the scale themselves, through the same read path: exactly equal
             np.testing.assert_array_equal(s.to_dask(task, name).compute(), want)
-            np.testing.assert_array_equal(views[task][fisherstore.format.encode_name(name)]["fisher"].values, want)
+            np.testing.assert_array_equal(views[task][encode_name(name)]["fisher"].values, want)
             np.testing.assert_array_equal(da.from_array(s.fisher(task, name)).compute(), want)
             seen += 1
     assert seen == len(list(_entries(path))) > 40  # every parameter of the three tasks

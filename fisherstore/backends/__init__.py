@@ -1,4 +1,23 @@
-"""Storage backends behind one small interface (:class:`ArrayBackend`)."""
+"""Storage backends: documents and arrays on a medium, behind one small interface (:class:`ArrayBackend`).
+
+==========================  ==============================================================
+module                      job
+==========================  ==============================================================
+:mod:`.base`                the interfaces: :class:`ArrayBackend` over a ``Medium`` (bytes)
+:mod:`.files`               a medium: a local directory (atomic replace, ``syncfs``, no links)
+:mod:`.objects`             a medium: an ``s3://bucket/prefix`` (obstore)
+:mod:`.hierarchy`           a Zarr v3 hierarchy on a medium, shared by the two below
+:mod:`.zarr_backend`        arrays through zarr-python
+:mod:`.tensorstore_backend` arrays through TensorStore
+:mod:`.direct`              fisherstore's own region reader: each chunk bounded, checked, placed
+:mod:`.chunks`              encoding and decoding one chunk of fisherstore's codec chains
+:mod:`.dims`                the ``dimension_names`` every array header carries
+:mod:`.ram`                 the in-memory baseline
+==========================  ==============================================================
+
+Every backend passes :class:`fisherstore.testing.BackendTests`. Usage:
+``make_backend("zarr", location("s3://bucket/run"), read_only=True)``.
+"""
 
 from __future__ import annotations
 

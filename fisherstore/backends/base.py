@@ -1,4 +1,4 @@
-"""The storage interface: JSON documents and float32 arrays under string keys.
+"""The storage interfaces: an :class:`ArrayBackend` (documents and arrays) over a :class:`Medium` (bytes).
 
 Modelled on zarr-python's abstract ``Store`` and torch.distributed.checkpoint's
 ``StorageWriter``: the layers above decide *what* to write (EMA folding, generations,
@@ -6,23 +6,35 @@ commits); a backend only knows how to create, read, write, list, delete and sync
 medium, and how much room is left there. Backends know nothing of models, heads, locks or
 EMA maths.
 
+Two levels, each an interface here with its implementations beside it:
+
+* :class:`Medium`: bytes by key, with what the commit protocol needs (an atomic replace,
+  listings, a durable sync, free space). :class:`~.files.LocalFiles` is a directory,
+  :class:`~.objects.ObjectFiles` an ``s3://`` prefix.
+* :class:`ArrayBackend`: JSON documents and float arrays by key. The RAM baseline
+  (:mod:`.ram`) needs no medium; :class:`~.hierarchy.HierarchyBackend` keeps a Zarr v3
+  hierarchy on a medium, through zarr-python (:mod:`.zarr_backend`) or TensorStore
+  (:mod:`.tensorstore_backend`).
+
+Every backend passes the same conformance suite, :class:`fisherstore.testing.BackendTests`.
+
 Keys are ``/``-separated paths relative to the store's location; regions are tuples of
-slices with positive steps (:mod:`fisherstore.regions`).
+slices with positive steps (:mod:`fisherstore.spec.regions`).
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from ..codecs import CodecSpec
-from ..regions import Region
+from ..spec.codecs import CodecSpec
+from ..spec.regions import Region
 from .dims import array_dimension_names
 
-__all__ = ["ArrayBackend", "ChunkError", "CARRIERS", "raw_array_doc"]
+__all__ = ["ArrayBackend", "Medium", "CARRIERS", "raw_array_doc"]
 
 #: How each element type fisherstore writes itself is held in numpy (bfloat16 by its bits).
 CARRIERS = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
@@ -46,19 +58,94 @@ def raw_array_doc(shape: Sequence[int], chunks: Sequence[int], dtype: str, attri
     }
 
 
-class ChunkError(OSError):
-    """One chunk is missing, truncated or fails its checksum; ``chunk`` is its grid index."""
+class Medium(Protocol):
+    """Bytes by key on a medium: what :class:`~.hierarchy.HierarchyBackend` and the writer lock need of one.
 
-    def __init__(self, err: int, msg: str, path: str, chunk: tuple[int, ...]) -> None:
-        super().__init__(err, msg, path)
-        self.chunk = tuple(chunk)
+    Keys are ``/``-separated paths relative to :attr:`root`; a key that would leave it is
+    refused. :class:`~.files.LocalFiles` (a directory, ``kind = "file"``) and
+    :class:`~.objects.ObjectFiles` (``s3://``, ``kind = "s3"``) implement it; a local
+    directory also reads straight into buffers (``read_into``), which the direct reader
+    uses where it exists.
+    """
+
+    kind: str
+    root: str
+    read_only: bool
+
+    def path(self, key: str) -> str:
+        """The medium's own name for ``key`` (a file path, an object key)."""
+
+    def url_of(self, key: str) -> str:
+        """Where ``key`` lives, for messages."""
+
+    def get(self, key: str, limit: int = ...) -> bytes | None:
+        """The whole value at ``key`` (at most ``limit`` bytes, else damage), or None if absent."""
+
+    def read_bounded(self, key: str, limit: int) -> bytes | None:
+        """At most ``limit`` bytes of ``key`` in one read, or None if absent."""
+
+    def put(self, key: str, data: bytes, durable: bool = True) -> None:
+        """Replace ``key`` atomically: a reader sees the old value or the new one, whole."""
+
+    def write(self, key: str, data: bytes) -> None:
+        """Write ``key`` without a sync (chunks no commit names yet; the flush syncs them)."""
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Create ``key`` only if absent; False if it exists (the writer lock)."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def version(self, key: str) -> Any:
+        """A token that changes when ``key`` is replaced (None if absent)."""
+
+    def list_dirs(self, key: str) -> list[str]:
+        """Names of the child nodes directly under ``key``."""
+
+    def entries(self, key: str) -> list[str]:
+        """Names of everything directly under ``key``."""
+
+    def list_files(self, key: str) -> list[str]:
+        """Keys (relative to ``key``) of every value below ``key``."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` and everything below it (no error if absent)."""
+
+    def ensure(self) -> None:
+        """Make the root exist (a directory; nothing on object storage)."""
+
+    def is_dir(self) -> bool: ...
+
+    def visible_names(self) -> list[str]:
+        """Names at the root that do not start with a dot."""
+
+    def check_no_links(self, key: str) -> None:
+        """Refuse a key any of whose directories is a link (nothing to check on object storage)."""
+
+    def size(self, key: str = "", chunks_only: bool = False) -> int:
+        """Bytes below ``key`` (only chunk data with ``chunks_only``)."""
+
+    def free_bytes(self) -> int | None: ...
+
+    def temp_files(self, depth: int = 3) -> list[str]:
+        """Keys of the temp files interrupted replaces left."""
+
+    def sync(self) -> None:
+        """Make everything written so far durable."""
+
+    def check_writable(self) -> None:
+        """Raise ``PermissionError`` on a read-only medium."""
 
 
 class ArrayBackend(abc.ABC):
     """Where a store's documents and arrays live.
 
+    Call order (which callers make each call): the store's writer creates and writes
+    arrays and documents, syncs once per flush, then writes a manifest (the commit);
+    readers only read. In a rank group every rank writes the generation arrays of the
+    parameters it owns, and only the leader (rank 0) writes documents.
+
     Args:
-        location: the medium's address (a directory for the disk backends, None in RAM).
+        location: the medium's address (a directory or ``s3://`` prefix; None in RAM).
         read_only: refuse every mutation.
     """
 
@@ -71,7 +158,7 @@ class ArrayBackend(abc.ABC):
         self.location = location
         self.read_only = read_only
         #: The medium's bytes-by-key store (:mod:`.files`, :mod:`.objects`); None in RAM.
-        self.medium: Any = None
+        self.medium: Medium | None = None
 
     # -- documents ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -170,11 +257,6 @@ class ArrayBackend(abc.ABC):
     def temp_files(self) -> list[str]:
         """Keys of the temp files that interrupted document writes left."""
         return []
-
-    def remove_temp_files(self) -> None:
-        """Delete :meth:`temp_files` (writer only)."""
-        for key in self.temp_files():
-            self.delete(key)
 
     def sync(self) -> None:  # noqa: B027 - a no-op is right for non-persistent backends
         """Make everything written so far durable."""

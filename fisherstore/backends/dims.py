@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..format import PARAM_ATTR
-from ..layout import ParamLayout, dimension_names
+from ..spec.format import PARAM_ATTR
+from ..spec.layout import ParamLayout, dimension_names
 
 __all__ = ["array_dimension_names"]
 

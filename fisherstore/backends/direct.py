@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ..format import chunk_key
-from ..regions import Region, chunk_coords, chunk_overlap, region_shape
-from .base import ChunkError
+from ..errors import ChunkError
+from ..spec.format import chunk_key
+from ..spec.regions import Region, chunk_coords, chunk_overlap, region_shape
 from .chunks import Chain
 
 __all__ = ["read_region", "chunk_pool", "CHUNK_READERS"]

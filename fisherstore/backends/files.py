@@ -44,7 +44,7 @@ def syncfs(path: str) -> None:
     """Flush every dirty page of the filesystem holding ``path`` to the device.
 
     One ``syncfs`` per flush is far cheaper than an fsync per chunk file (TensorStore's
-    default doubles update time, research/measurements.md §5.2); it falls back to
+    default doubled update time on this project's machines; docs/design.md, "Durability"); it falls back to
     ``os.sync`` where ``syncfs`` is missing.
     """
     fn = getattr(_LIBC, "syncfs", None) if _LIBC is not None else None

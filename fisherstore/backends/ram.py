@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ..codecs import CodecSpec
-from ..regions import Region, chunk_region, iter_grid, region_shape
+from ..spec.codecs import CodecSpec
+from ..spec.regions import Region, chunk_region, iter_grid, region_shape
 from .base import CARRIERS, ArrayBackend
 
 __all__ = ["RamBackend"]

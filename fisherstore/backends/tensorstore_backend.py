@@ -10,15 +10,15 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from ..codecs import CodecSpec
-from ..regions import Region
+from ..spec.codecs import CodecSpec
+from ..spec.regions import Region
 from .dims import array_dimension_names
-from .disk import DiskBackend
+from .hierarchy import HierarchyBackend
 
 __all__ = ["TensorStoreBackend"]
 
 
-class TensorStoreBackend(DiskBackend):
+class TensorStoreBackend(HierarchyBackend):
     """Arrays through TensorStore.
 
     Chunk files are written without a per-file fsync (``file_io_sync=false``, 2x faster

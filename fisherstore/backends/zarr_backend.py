@@ -11,15 +11,15 @@ import zarr
 from zarr.abc.store import Store
 from zarr.storage import LocalStore
 
-from ..codecs import CodecSpec
-from ..regions import Region
+from ..spec.codecs import CodecSpec
+from ..spec.regions import Region
 from .dims import array_dimension_names
-from .disk import DiskBackend
+from .hierarchy import HierarchyBackend
 
 __all__ = ["ZarrBackend"]
 
 
-class ZarrBackend(DiskBackend):
+class ZarrBackend(HierarchyBackend):
     """Arrays through zarr-python's ``LocalStore``.
 
     Args:

@@ -27,23 +27,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
+from ..collect.autograd import square_of
+from ..collect.group_view import GroupSums
+from ..collect.models import model_description
 from ..errors import InvalidArgumentError
-from ..groups import GroupSums
-from ..models import model_description
 
 __all__ = ["collect_from_grads", "square_of"]
-
-
-def square_of(grad: torch.Tensor, scale: Any) -> torch.Tensor:
-    """``(scale · grad)²`` in fp32, in new memory: ``.grad`` itself is left for the optimiser."""
-    g = grad.detach()
-    x = (g.to_dense() if g.layout != torch.strided else g).to(torch.float32, copy=True).square_()
-    if isinstance(scale, torch.Tensor):
-        return x.mul_(scale.to(x.device, torch.float32).square())
-    return x.mul_(float(scale) ** 2) if scale != 1 else x
 
 
 def collect_from_grads(collector: Any, model: nn.Module, task: str, tokens: int, *, grad_scale: Any = None) -> None:
@@ -57,7 +48,7 @@ def collect_from_grads(collector: Any, model: nn.Module, task: str, tokens: int,
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
         raise InvalidArgumentError(f"tokens must be a positive int (the target tokens of the batch), got {tokens!r}")
     fc = collector
-    order, layouts = fc._prepare(model, task, check=False)
+    order, layouts = fc.prepare(model, task, check_loss=False)
     named = dict(model.named_parameters())
     scale = tokens if grad_scale is None else grad_scale
     sums = GroupSums(layouts)
@@ -71,7 +62,7 @@ def collect_from_grads(collector: Any, model: nn.Module, task: str, tokens: int,
                 sums.add(n, x)
             st.add(n, x, trusted=True, donate=True, final=True)
     mark_training_task(fc, model, task)
-    fc._update_groups(task, sums.to_host(), tokens)
+    fc.record_groups(task, sums.to_host(), tokens)
 
 
 def mark_training_task(fc: Any, model: nn.Module, task: str) -> None:

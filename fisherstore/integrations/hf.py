@@ -44,18 +44,14 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..collector import FisherCollector
-from ..errors import InvalidArgumentError
-from ..groups import GroupSums
+from ..collect.collector import FisherCollector
+from ..collect.group_view import GroupSums
+from ..errors import FisherCallbackWarning, InvalidArgumentError
 from ..losses import causal_lm
 from ..store import FisherStore
 from . import mark_training_task, square_of
 
 __all__ = ["FisherCallback", "FisherCallbackWarning"]
-
-
-class FisherCallbackWarning(UserWarning):
-    """The Trainer's loss weights micro-batches unequally, so ``x`` is not exactly the token-summed square."""
 
 
 class FisherCallback(TrainerCallback):
@@ -105,7 +101,7 @@ class FisherCallback(TrainerCallback):
                 "own before the all-reduce. Call fisherstore.integrations.collect_from_grads on rank 0 after the "
                 "all-reduce instead"
             )
-        order, layouts = self.fc._prepare(model, self.task, check=False)
+        order, layouts = self.fc.prepare(model, self.task, check_loss=False)
         self._order, self._layouts = order, layouts
         named = dict(model.named_parameters())
         self._handles = [model.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
@@ -123,7 +119,7 @@ class FisherCallback(TrainerCallback):
             return
         st.__exit__(None, None, None)  # settles the step: applied whole, or discarded and raised
         mark_training_task(self.fc, self._model_ref, self.task)
-        self.fc._update_groups(self.task, self._sums.to_host(), self._T)
+        self.fc.record_groups(self.task, self._sums.to_host(), self._T)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._abandon()

@@ -1,9 +1,9 @@
 """What every part of the :class:`~fisherstore.store.FisherStore` facade shares: its state and its checks.
 
 The facade is one class built from a few mixins, one module per group of public verbs
-(:mod:`.writing`, :mod:`.reading`, :mod:`.sampling`); :mod:`.facade` opens and closes the
-store and answers catalogue questions. Each mixin method is a few lines over the modules
-that do the work (catalog, write, commit, read, samples); this base names the state they
+(:mod:`.write_verbs`, :mod:`.read_verbs`, :mod:`.sample_verbs`); :mod:`.facade` opens and
+closes the store and answers catalogue questions. Each mixin method is a few lines over
+the engine modules that do the work (catalog, step, commit, read, segments); this base names the state they
 are handed, so a reader of any one module sees what it may touch.
 """
 
@@ -12,21 +12,21 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from ..catalog import Catalog
+from ..engine.catalog import Catalog
 from ..errors import FisherStoreError, ReadOnlyError
 
 if TYPE_CHECKING:
     from ..backends import ArrayBackend
-    from ..codecs import CodecSpec
-    from ..commit import Committer
-    from ..format import StoreDoc
-    from ..iopool import IOPool
-    from ..options import StoreOptions
-    from ..read import ReadPath
-    from ..residency import MemoryPlan
-    from ..samples import SampleBatch
-    from ..step import StepWriter
-    from ..write import WritePath
+    from ..engine.commit import Committer
+    from ..engine.generations import WritePath
+    from ..engine.iopool import IOPool
+    from ..engine.memory import MemoryPlan
+    from ..engine.options import StoreOptions
+    from ..engine.read import ReadPath
+    from ..engine.segments import SampleBatch
+    from ..engine.step.writer import StepWriter
+    from ..spec.codecs import CodecSpec
+    from ..spec.format import StoreDoc
 
 
 class StoreBase:

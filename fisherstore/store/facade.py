@@ -1,18 +1,21 @@
 """FisherStore: the public face of a store. Each method is a few lines over the modules below.
 
 This module opens and closes a store and answers catalogue questions; the verbs live in
-one mixin per group, beside it: :mod:`.writing` (create, update, flush), :mod:`.reading`
-(fisher, read, iter_heads, views) and :mod:`.sampling` (per-sample gradients).
+one mixin per group, beside it: :mod:`.write_verbs` (create, update, flush),
+:mod:`.read_verbs` (fisher, read, iter_heads, views) and :mod:`.sample_verbs` (per-sample
+gradients). The engine underneath:
 
 ======================  =========================================================
 module                  job
 ======================  =========================================================
-:mod:`.catalog`         tasks and parameters in RAM, with side-effect-free lookups
-:mod:`.write`           one EMA step (:class:`~fisherstore.write.StepWriter`); folds
-:mod:`.commit`          the flush transaction; recovery from a crashed writer
-:mod:`.read`            reading at the current state; the head sweep
-:mod:`.residency`       the memory plan; which parameters stay resident
-:mod:`.backends`        bytes and arrays on a medium
+``engine.catalog``      tasks and parameters in RAM, with side-effect-free lookups
+``engine.step``         one EMA step (:class:`~fisherstore.engine.step.StepWriter`)
+``engine.generations``  generations: streamed read-modify-writes, folds
+``engine.commit``       the flush transaction
+``engine.recovery``     what a crashed writer left, found and removed
+``engine.read``         reading at the current state; the head sweep
+``engine.memory``       the memory plan; which parameters stay resident
+``backends``            bytes and arrays on a medium
 ======================  =========================================================
 
 docs/architecture.md draws the life of a step, of a read and of a commit.
@@ -35,28 +38,26 @@ from collections.abc import Hashable
 from typing import Any
 
 from ..backends import ArrayBackend
-from ..catalog import Catalog, ParamInfo, ParamState, TaskState, committed_keys, load_task
-from ..codecs import CodecSpec
-from ..commit import Committer
-from ..dist import RankGroup
-from ..errors import (
-    InvalidArgumentError,
-    StepDiscardedWarning,
-)
-from ..format import DOC, doc_key, number_base
-from ..iopool import IOPool
-from ..layout import ParamLayout
-from ..lock import StoreLock
-from ..manifest import TaskManifest
-from ..opening import Resources, check_identity, open_root, recover_leftovers, take_lock
-from ..options import StoreOptions, default_memory_budget
-from ..read import ReadPath
-from ..residency import MemoryPlan, Residency
-from ..step import StepWriter
-from ..write import WritePath
-from .reading import ReadMethods
-from .sampling import SampleMethods
-from .writing import WriteMethods
+from ..engine.catalog import Catalog, ParamInfo, ParamState, TaskState, committed_keys, load_task
+from ..engine.commit import Committer
+from ..engine.dist import RankGroup
+from ..engine.generations import WritePath
+from ..engine.iopool import IOPool
+from ..engine.lock import StoreLock
+from ..engine.memory import MemoryPlan, Residency
+from ..engine.opening import Resources, check_identity, open_root, take_lock
+from ..engine.options import StoreOptions, default_memory_budget
+from ..engine.read import ReadPath
+from ..engine.recovery import recover_leftovers
+from ..engine.step.writer import StepWriter
+from ..errors import InvalidArgumentError, StepDiscardedWarning
+from ..spec.codecs import CodecSpec
+from ..spec.format import DOC, doc_key, number_base
+from ..spec.layout import ParamLayout
+from ..spec.manifest import TaskManifest
+from .read_verbs import ReadMethods
+from .sample_verbs import SampleMethods
+from .write_verbs import WriteMethods
 
 __all__ = ["FisherStore"]
 
@@ -65,7 +66,7 @@ class FisherStore(WriteMethods, ReadMethods, SampleMethods):
     """A store of full elementwise Fisher EMAs, one array per (task, parameter).
 
     Open one with :func:`fisherstore.open`. ``FisherStore(backend, mode=..., ...)`` opens
-    a store on a backend object you built (see :class:`~fisherstore.options.StoreOptions`).
+    a store on a backend object you built (see :class:`~fisherstore.engine.options.StoreOptions`).
 
     Threads: one thread writes (steps, flushes); any number of threads may read at the
     same time (``fisher()[...]``, ``read``, ``iter_heads``, ``metadata``), each read whole
@@ -197,6 +198,11 @@ class FisherStore(WriteMethods, ReadMethods, SampleMethods):
                              doc="Bytes of GPU memory for accumulators (None: the device's free memory less a margin).")
     writable = property(lambda self: self.options.writable, doc="Whether the store was opened for writing.")
     closed = property(lambda self: self._res.closed, doc="Whether close() has run.")
+
+    @property
+    def group(self) -> RankGroup:
+        """The rank group this store was opened in (:meth:`RankGroup.solo` outside ``torch.distributed``)."""
+        return self._group
 
     @property
     def backend_name(self) -> str:

@@ -1,0 +1,267 @@
+"""The subcommands, one function each, registered with :func:`command`; and what they print.
+
+Adding a subcommand is one function registered with :func:`command`: it adds its parser
+to the subparsers and sets ``run`` (``args -> exit code``) as the parser's default. The
+heavy imports (the store, Phase 6, pictures) happen when a subcommand runs, so
+``fisherstore --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..backends import location
+from ..errors import InvalidArgumentError, NotAFisherStoreError, StoreLockedError, human_bytes
+from .demo import run_demo
+from .exits import DAMAGED, OK
+from .info import store_info
+
+__all__ = ["command", "COMMANDS", "store_dir"]
+
+
+def store_dir(path: str, *, need_doc: bool = True) -> str:
+    """``path`` if it is a store's directory (or an ``s3://`` URL), else :class:`NotAFisherStoreError` saying what
+    it is instead."""
+    path = location(path)
+    if "://" in path:
+        return path  # the store itself says whether it is one
+    if not os.path.exists(path):
+        raise NotAFisherStoreError(f"{path}: no such directory. Check the path (`fisherstore demo --out DIR` makes "
+                                   "a store to try the commands on).")
+    if not os.path.isdir(path):
+        hint = f"; the store is its directory, {os.path.dirname(os.path.abspath(path))}" \
+            if os.path.basename(path) == "zarr.json" else ""
+        raise NotAFisherStoreError(f"{path} is a file, not a store: a fisherstore store is a directory{hint}.")
+    if need_doc and not os.path.isfile(os.path.join(path, "zarr.json")):
+        raise NotAFisherStoreError(f"{path} is a directory but not a fisherstore store (it has no zarr.json). Give "
+                                   "the store's root directory.")
+    return path
+
+
+# -- the subcommand registry ---------------------------------------------------------------
+COMMANDS: list[Callable[[Any], None]] = []
+
+
+def command(setup: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Register a subcommand: ``setup(subparsers)`` adds its parser and ``set_defaults(run=...)``."""
+    COMMANDS.append(setup)
+    return setup
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return n
+
+
+def _store_args(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    p.add_argument("path", help="the store's directory")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--backend", choices=("zarr", "tensorstore"), default="zarr")
+
+
+@command
+def _demo(sub: Any) -> None:
+    d = sub.add_parser("demo", help="collect two tasks on a tiny model and print a QK-OV table",
+                       description="Build a tiny LLaMA-style GQA model, collect two tasks into a Zarr store, "
+                                   "read head blocks lazily and print per-(layer, head, block) interference.")
+    d.add_argument("--out", help="output directory (default: a new temporary directory)")
+    d.add_argument("--backend", choices=("zarr", "tensorstore"), default="zarr")
+    d.add_argument("--steps", type=_positive_int, default=3, help="collect_fisher calls per task (at least 1; "
+                                                                   "default 3)")
+
+    def run(a: argparse.Namespace) -> int:
+        run_demo(a.out, backend=a.backend, steps=a.steps)
+        return OK
+
+    d.set_defaults(run=run)
+
+
+@command
+def _info(sub: Any) -> None:
+    p = sub.add_parser("info", help="describe a store",
+                       description="Print tasks, parameters, shapes, steps, bytes on disk and compression ratio.")
+    _store_args(p)
+
+    def run(a: argparse.Namespace) -> int:
+        info = store_info(store_dir(a.path), backend=a.backend)
+        if a.json:
+            json.dump(info, sys.stdout, indent=1)
+            print()
+        else:
+            _print_info(info)
+        return OK
+
+    p.set_defaults(run=run)
+
+
+@command
+def _verify(sub: Any) -> None:
+    p = sub.add_parser("verify", help="check every committed chunk of a store",
+                       description="Read every chunk of every committed generation and check its crc32c checksum; "
+                                   "list what an interrupted writer left behind (rolled back). Exit 0 clean, 1 "
+                                   "problems found.")
+    _store_args(p)
+
+    def run(a: argparse.Namespace) -> int:
+        from ..engine.verify import verify_store
+
+        rep = verify_store(store_dir(a.path), backend=a.backend)
+        if a.json:
+            json.dump(rep.to_dict(), sys.stdout, indent=1)
+            print()
+        else:
+            _print_verify(rep)
+        return OK if rep.ok else DAMAGED
+
+    p.set_defaults(run=run)
+
+
+@command
+def _plot(sub: Any) -> None:
+    p = sub.add_parser("plot", help="draw a task's per-block [layer x head] Fisher mass heat map",
+                       description="Sum each head block's Fisher (one chunk read each) and draw one [layer x head] "
+                                   "panel per block (Q, K, V, O). With --compare, draw both tasks' shares of their "
+                                   "own total mass and log2 of their ratio. Needs matplotlib and pandas.")
+    _store_args(p, json_flag=False)
+    p.add_argument("--task", required=True, help="the task to draw")
+    p.add_argument("--compare", metavar="TASK2", help="a second task to compare against --task")
+    p.add_argument("--out", required=True, help="the PNG file to write")
+
+    def run(a: argparse.Namespace) -> int:
+        from ..store.api import open as open_store
+        from ..views.plots import plot_mass
+
+        with open_store(store_dir(a.path), mode="r", backend=a.backend) as s:
+            df = s.summary(a.task)
+            other = s.summary(a.compare) if a.compare else None
+        print(plot_mass(df, a.out, compare=other))
+        return OK
+
+    p.set_defaults(run=run)
+
+
+@command
+def _qkov(sub: Any) -> None:
+    p = sub.add_parser("qkov", help="score QK-OV interference between two tasks' samples, straight from the store",
+                       description="For every (layer, head, block), read task A's per-sample contributions, task B's "
+                                   "per-sample gradients and the Fisher block, score all pairs with one matmul, and "
+                                   "print the [layer x head] mean per block and the top conflicts. Needs per-sample "
+                                   "gradients of both tasks (FisherCollector.collect_samples).")
+    _store_args(p)
+    p.add_argument("--task-a", required=True, help="the task whose contributions C_i = g_i^2/T_i are scored")
+    p.add_argument("--task-b", required=True, help="the task whose gradients g_j/T_j are scored against them")
+    p.add_argument("--fisher", choices=("ema", "contribution"), default="ema",
+                   help="normalise by the EMA Fisher (default) or the contribution Fisher mean_i C_i")
+    p.add_argument("--fisher-task", help="the task whose Fisher normalises (default: --task-a)")
+    p.add_argument("--layers", nargs="+", help="layer keys to score (default: all)")
+    p.add_argument("--heads", nargs="+", type=int, help="query heads to score (default: all)")
+    p.add_argument("--blocks", default="QKVO", help="blocks to score, e.g. QK (default QKVO)")
+    p.add_argument("--top", type=_positive_int, default=10, help="top conflicts to print per block (default 10)")
+    p.add_argument("--png", help="also draw the heat map into this PNG (needs matplotlib)")
+
+    def run(a: argparse.Namespace) -> int:
+        from ..qkov import QKOVIndexer, QKOVInterference, heatmap_png
+        from ..store.api import open as open_store
+
+        with open_store(store_dir(a.path), mode="r", backend=a.backend) as s:
+            qk = QKOVInterference(QKOVIndexer.from_store(s, a.task_a))
+            layers = [int(v) if v.lstrip("-").isdigit() else v for v in a.layers] if a.layers else None
+            heat = qk.heatmap_from_store(s, a.task_a, a.task_b, fisher=a.fisher, fisher_task=a.fisher_task,
+                                         layers=layers, heads=a.heads, blocks=a.blocks)
+        blocks = [b for b in "QKVO" if b in heat]
+        if a.png:
+            heatmap_png(heat, a.png, f"QK-OV interference ({a.task_a} vs {a.task_b}, {a.fisher} Fisher)")
+        if a.json:
+            json.dump({"task_a": a.task_a, "task_b": a.task_b, "fisher": a.fisher, "layers": heat["layers"],
+                       "heads": heat["heads"], "mean": {b: heat[b].tolist() for b in blocks},
+                       "top_conflicts": {b: heat["top_conflicts"][b][:a.top] for b in blocks},
+                       "png": a.png}, sys.stdout, indent=1)
+            print()
+            return OK
+        print(f"QK-OV interference, {a.task_a} samples x {a.task_b} samples, {a.fisher} Fisher (mean over pairs):")
+        print("  layer   head " + " ".join(f"{b:>10s}" for b in blocks))
+        for li, layer in enumerate(heat["layers"]):
+            for hi, h in enumerate(heat["heads"]):
+                print(f"  {layer!s:>7s} {h:4d} " + " ".join(f"{heat[b][li, hi]:10.3e}" for b in blocks))
+        for b in blocks:
+            print(f"  top {b} conflicts: " + "; ".join(
+                f"{c['sample_i']} x {c['sample_j']} at layer {c['layer']} head {c['head']}: {c['score']:.3e}"
+                for c in heat["top_conflicts"][b][:a.top]))
+        if a.png:
+            print(f"  heat map: {a.png}")
+        return OK
+
+    p.set_defaults(run=run)
+
+
+@command
+def _unlock_cmd(sub: Any) -> None:
+    u = sub.add_parser("unlock", help="remove a stale writer lock",
+                       description="Remove the writer lock of a process that is gone (pidfile locks; an "
+                                   "flock lock is released by the kernel when its writer dies).")
+    u.add_argument("path", help="the store's directory")
+    u.add_argument("--force", action="store_true", help="required: confirm the writer is gone")
+    u.set_defaults(run=lambda a: _unlock(store_dir(a.path, need_doc=False), a.force))
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    ratio = info["compression_ratio"]
+    print(f"{info['path']}  (format {info['format_version']}, {info['written_by']})")
+    print(f"  codecs: {info['codecs']}")
+    print(f"  {human_bytes(info['bytes'])} of fp32 state, {human_bytes(info['bytes_on_disk'])} committed on disk"
+          + (f" (+{human_bytes(info['other_bytes_on_disk'])} metadata and uncommitted)" if info["other_bytes_on_disk"] else "")
+          + (f", chunk compression {ratio:.3f}x" if ratio else ""))
+    for task, t in info["tasks"].items():
+        smp = t["samples"]
+        print(f"  task {task!r}: step {t['step']}, {t['tokens_seen']} tokens, estimator {t['estimator']}, "
+              f"{len(t['params'])} params"
+              + (f"; per-sample gradients: {smp['n']} samples of {len(smp['params'])} params "
+                 f"({'/'.join(smp['dtypes'])}, {human_bytes(smp['bytes'])})" if smp["n"] else ""))
+        for name, p in t["params"].items():
+            kind = (p["layout"] or {}).get("kind", "-")
+            print(f"    {name:50s} {kind:5s} {str(tuple(p['shape'])):16s} chunks {str(tuple(p['chunks'])):14s} "
+                  f"{human_bytes(p['chunk_bytes_on_disk']):>10s}")
+
+
+def _print_verify(rep: Any) -> None:
+    print(f"{rep.path}: {'clean' if rep.ok else f'{len(rep.problems)} problem(s)'} "
+          f"({rep.chunks_checked} chunks, {human_bytes(rep.bytes_checked)} checked)")
+    for f in rep.problems:
+        print(f"  PROBLEM {f.kind}: {f.message}")
+    for f in rep.rolled_back:
+        print(f"  rolled back ({f.kind}): {f.message}")
+    for n in rep.notes:
+        print(f"  note: {n}")
+
+
+def _unlock(path: str, force: bool) -> int:
+    from ..engine.lock import LOCK_NAME, StoreLock, holder_alive, read_holder
+
+    lock_path = os.path.join(path, LOCK_NAME)
+    holder = read_holder(lock_path)
+    if not os.path.exists(lock_path) or not holder:
+        print(f"{path}: no writer lock is held")
+        return OK
+    if not force:
+        raise InvalidArgumentError(f"{path} has a writer lock record from pid {holder.get('pid')} on host "
+                                   f"{holder.get('host')}; pass --force to remove it once you are sure that writer "
+                                   "is gone")
+    if holder_alive(holder):
+        raise StoreLockedError(f"pid {holder['pid']} on this host still runs and holds the store {path}; stop it "
+                               "first (or let it finish)")
+    lock = StoreLock(path, force=True)
+    lock.acquire()  # raises StoreLockedError if a live writer really holds it
+    lock.release()
+    print(f"{path}: removed the stale lock of pid {holder.get('pid')} on host {holder.get('host')}")
+    return OK

@@ -1,0 +1,330 @@
+"""FisherCollector: point it at a model and batches; it streams each grad² EMA to a store.
+
+TensorScope users know the interface (``ema_decay``, ``reduction="group"``,
+``collect_fisher``, ``fisher_ema``, ``get_group_fisher``); what is new is ``backend=``,
+``path=`` and ``full_fisher()``, which gives the *full* Fisher of every tracked parameter
+as lazy, head-chunked tensors::
+
+    fc = FisherCollector(backend="zarr", path="fisher.zarr")
+    fc.collect_fisher(model, batch, task="math")
+    F = fc.full_fisher("math", "model.layers.0.self_attn.q_proj.weight")
+    F[h * d:(h + 1) * d, :]          # one chunk read
+
+What ``x`` is (recorded as the task's ``estimator``):
+
+* ``"micro_batch"`` (default): ``x = Σ_mb (∇ Σ_{tokens∈mb} ℓ)² / T``. Each micro-batch's
+  gradient is squared on its own, so with ``micro_batch_size=1`` this is the empirical
+  Fisher over sequences.
+* ``"batch"``: ``x = (∇ Σ_{tokens∈batch} ℓ)² / T``, the square of the summed gradient,
+  i.e. (E g)² rather than E[g²] (TensorScope's quantity, normalised the same way).
+
+``T`` is the number of tokens the batch predicts, as the loss counts them (``loss_fn``,
+default :data:`fisherstore.losses.causal_lm`: labels ≠ -100 after the shift; pass
+:data:`~fisherstore.losses.seq2seq_lm` for BART/T5 and :data:`~fisherstore.losses.masked_lm`
+for BERT-style models). In a data-parallel rank group, ``Σ_mb`` runs over every rank's
+micro-batches and ``T`` is the token count of all ranks' batches together.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..engine.dist import RankGroup
+from ..errors import InvalidArgumentError, listing
+from ..losses import LossFn, causal_lm, loss_name
+from ..losses import check_loss as check_loss_fn
+from ..spec.layout import ParamLayout
+from ..store.api import open as open_store
+from .group_view import GroupView
+from .models import layouts_from_model, model_description
+from .samples import SampleGrads, sample_gradients
+from .step_loop import StepRun
+from .tracking import ParamFilter, check_options, select_params
+
+__all__ = ["FisherCollector", "Prepared"]
+
+
+class Prepared(NamedTuple):
+    """What :meth:`FisherCollector.prepare` returns: the tracked parameters in store order, and every layout."""
+
+    order: list[str]
+    layouts: dict[str, ParamLayout]
+
+
+class FisherCollector(GroupView):
+    """Collect EMA Fisher information of a model's parameters into a fisherstore store.
+
+    Args:
+        reduction: ``"group"`` (TensorScope's group vectors are kept alongside the full
+            tensors). The full tensors are always stored.
+        ema_decay: EMA β of new tasks. A task already in the store keeps the β it was
+            collected with (``store.param(task, name).decay``): every readout and update
+            uses the stored β, parameters added to the task get it too, and the collector
+            warns once (:class:`StoredDecayWarning`) when the two differ.
+        backend: ``"ram"``, ``"zarr"`` or ``"tensorstore"``.
+        path: the store directory (required for disk backends; reopened if it exists).
+        params: which parameters to track: None (default) for the attention projection
+            weights, ``"all"``, a list of names or regular expressions, or a callable
+            ``(name, param) -> bool``.
+        micro_batch_size: sequences per forward/backward.
+        memory_budget: bytes of RAM the store may hold (see :func:`fisherstore.open`).
+        estimator: ``"micro_batch"`` (default) or ``"batch"``; see the module docstring.
+        flush_every: flush the store every N steps (default: on ``flush()``/``close()``).
+        mode: how to open ``path``: ``"a"`` (default, continue or create) or ``"w"`` (replace).
+        loss_fn: ``loss_fn(model, batch) -> (loss_sum, n_tokens)``, the token-summed loss
+            whose gradient is squared and the number of tokens it predicts (T comes from
+            it). Default :data:`fisherstore.losses.causal_lm`; encoder-decoders need
+            :data:`~fisherstore.losses.seq2seq_lm`, masked LMs :data:`~fisherstore.losses.masked_lm`.
+        layouts: ``{parameter name: ParamLayout}`` merged over, and taking priority over,
+            :func:`fisherstore.layouts_from_model`'s: how to collect a model whose
+            attention modules fisherstore does not recognise.
+        data_parallel: how the ranks of a ``group=`` share the work (ignored without one).
+            ``True`` (the default when a group of more than one rank is given): ranks see
+            **different** batches (DDP). A step's Fisher is that of the union batch: every
+            rank's squared gradients count and ``T`` is the sum of every rank's token
+            count. Each rank keeps a per-step sum of every tracked parameter (of squares
+            for ``"micro_batch"``, of gradients for ``"batch"``), and after its micro-batch
+            loop each sum is reduced onto the parameter's owner rank, which writes it.
+            ``False``: every rank sees the **same** batch (model/tensor parallel); nothing is
+            reduced and each rank writes the parameters it owns from its own gradients
+            (the collector checks that the ranks' batches agree).
+        store: an open :class:`~fisherstore.store.FisherStore` to collect into instead of
+            opening ``path`` (its own options apply).
+        **store_options: passed to :func:`fisherstore.open`, e.g. ``group=RankGroup.from_torch()``
+            to have each rank of a ``torch.distributed`` job write the parameters it owns
+            (its group view then holds only those).
+
+    Memory: with a built-in loss and no data-parallel reduction, each micro-batch's
+    squared gradient streams to the store as soon as it is final, as before. Otherwise
+    (a data-parallel group, or a loss_fn without ``count_tokens``) each rank holds one fp32
+    sum per tracked parameter, on the parameter's device, until the step is written.
+
+    Usage::
+
+        fc = FisherCollector(backend="zarr", path="fisher.zarr", group=fisherstore.RankGroup.from_torch())
+        fc.collect_fisher(model, this_ranks_batch, task="math")   # every rank, its own batch
+    """
+
+    def __init__(
+        self,
+        reduction: str = "group",
+        ema_decay: float = 0.99,
+        *,
+        backend: str = "ram",
+        path: str | None = None,
+        params: ParamFilter = None,
+        micro_batch_size: int = 4,
+        memory_budget: int | None = None,
+        estimator: str = "micro_batch",
+        flush_every: int | None = None,
+        mode: str = "a",
+        loss_fn: LossFn = causal_lm,
+        layouts: Mapping[str, ParamLayout] | None = None,
+        data_parallel: bool | None = None,
+        store: Any = None,
+        **store_options: Any,
+    ) -> None:
+        check_options(reduction, estimator, micro_batch_size, loss_fn, layouts, data_parallel)
+        group = store_options.get("group") if store is None else store.group
+        if group is not None and not isinstance(group, RankGroup):
+            raise InvalidArgumentError(f"group must be a fisherstore.RankGroup, got {type(group).__name__}")
+        self.reduction = reduction
+        self.ema_decay = ema_decay
+        self.params = params
+        self.micro_batch_size = micro_batch_size
+        self.estimator = estimator
+        self.loss_fn = loss_fn
+        self.group = group if group is not None else RankGroup.solo()
+        #: Whether ranks see different batches, so every step is reduced onto the owners.
+        self.data_parallel = self.group.world_size > 1 if data_parallel is None else data_parallel
+        self._layout_overrides = dict(layouts or {})
+        if store is not None:  # an open store adopted as it is (its own options)
+            if path is not None or store_options:
+                raise InvalidArgumentError("pass either store= (an open FisherStore) or path= and store options, not both")
+            self.store = store
+        else:
+            self.store = open_store(
+                path,
+                mode=mode,
+                backend=backend,
+                decay=ema_decay,
+                memory_budget=memory_budget,
+                flush_every=flush_every,
+                **store_options,
+            )
+        # Group EMAs are tiny, so they live in RAM: {task: {key: [raw EMA, t_last, β]}}.
+        self._groups: dict[str, dict[str, list[Any]]] = {}
+        self._layout_cache: dict[int, dict[str, ParamLayout]] = {}
+        self._owners: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        self._decay_warned: set[str] = set()  # tasks whose stored β differs from ema_decay, warned once
+
+    # -- context management -------------------------------------------------------------
+    def __enter__(self) -> FisherCollector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def flush(self) -> None:
+        self.store.flush()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"FisherCollector(backend={self.store.backend_name!r}, path={self.store.path!r}, "
+            f"ema_decay={self.ema_decay}, estimator={self.estimator!r}, loss_fn={loss_name(self.loss_fn)}, "
+            f"data_parallel={self.data_parallel}, tasks={self.store.tasks()})"
+        )
+
+    # -- collection ---------------------------------------------------------------------
+    def collect_fisher(self, model: nn.Module, batch: Mapping[str, torch.Tensor], task: str = "default",
+                       mode: str = "ema") -> None:
+        """One EMA step of ``task`` from ``batch`` (what ``loss_fn`` needs: ``input_ids``, ``labels``, ...)."""
+        if mode != "ema":
+            raise InvalidArgumentError(f"mode {mode!r} is not supported; FisherCollector collects mode='ema'")
+        self.update_fisher_ema(model, batch, task)
+
+    def update_fisher_ema(self, model: nn.Module, batch: Mapping[str, torch.Tensor], task: str = "default") -> None:
+        """One EMA step: micro-batched forward/backward of ``loss_fn``, each tracked grad² to the store.
+
+        In a data-parallel group every rank calls it with its own batch; the step is the
+        union batch's (see the class docstring).
+        """
+        self.run_step(model, batch, task, *self.prepare(model, task))
+
+    def collect_fisher_dataset(self, model: nn.Module, batches: Any, task: str = "default", *,
+                               progress: bool | None = None) -> Any:
+        """One EMA step per batch of a replayable set, in as many passes as the memory budget needs.
+
+        ``batches``: a list (or tuple) of batches, a ``DataLoader`` with a fixed order, or a
+        callable returning a fresh iterator of the same batches on every call. When the
+        tracked state fits the store's budget this is one pass; otherwise the parameters
+        are split into ⌈S/B⌉ groups and each pass runs every batch with only its group
+        requiring gradients, then writes that group once. The result equals one pass with
+        a budget large enough for everything (bit for bit on the CPU). The run is atomic:
+        it commits once, at its end; interrupted, the store stays at its last commit.
+        Returns a :class:`~fisherstore.collect.multipass.DatasetRun` (passes, steps, tokens, bytes).
+        See :mod:`fisherstore.collect.multipass`.
+        """
+        from .multipass import collect_dataset
+
+        return collect_dataset(self, model, batches, task, progress=progress)
+
+    def collect_samples(self, model: nn.Module, batch: Mapping[str, torch.Tensor], task: str = "default", *,
+                        names: Iterable[str] | None = None, ids: Iterable[str] | None = None, dtype: str | None = None,
+                        flush: bool = True, progress: bool | None = None) -> list[str]:
+        """Per-sample gradients of the tracked parameters (or ``names``) into ``task``; see :mod:`fisherstore.collect.samples`."""
+        from .samples import collect_samples
+
+        if self.group.world_size > 1:  # before any collective: every rank raises alike
+            raise InvalidArgumentError(
+                "collect_samples runs in one process: each sample's gradient is written whole by the process that "
+                "computed it, and segments are not shared across ranks. Collect per-sample gradients on one rank, "
+                "with a collector opened without a group"
+            )
+        check_loss_fn(self.loss_fn, model)
+        layouts = self.layouts(model)
+        chosen = list(names) if names is not None else self._select(model, layouts)
+        return collect_samples(self.store, model, batch, task, chosen, layouts, self.loss_fn,
+                               ids=list(ids) if ids is not None else None, dtype=dtype, flush=flush, progress=progress)
+
+    # -- the seams multi-pass runs and training integrations use ---------------------------
+    def prepare(self, model: nn.Module, task: str, *, check_loss: bool = True) -> Prepared:
+        """Make ``task`` ready to collect ``model``: check the loss (unless ``check_loss=False``: the caller's
+        gradients come from elsewhere), create the tracked parameters, rebuild the group view after a reopen.
+
+        Returns :class:`Prepared`: the tracked parameters in the store's creation order (the
+        same on every rank, so it orders collectives) and every parameter's layout.
+        Usage: ``order, layouts = fc.prepare(model, "math")``.
+        """
+        if check_loss:
+            check_loss_fn(self.loss_fn, model)
+        layouts = self.layouts(model)
+        tracked = self._select(model, layouts)
+        named = dict(model.named_parameters())
+        new_task = task not in self.store.tasks()
+        decays = [] if new_task else self._stored_decays(task)
+        if self.reduction == "group":
+            self._task_groups(task)  # after a reopen, rebuild the group view before this step
+        existing = set() if new_task else set(self.store.params(task))
+        new = [n for n in tracked if n not in existing]
+        if new and len(decays) > 1:
+            raise InvalidArgumentError(
+                f"task {task!r} holds parameters with several EMA decays {decays}, so the new parameters "
+                f"{listing(new, 3)} have no single stored β to take. Create them first with "
+                "store.create(task, name, shape, layout, decay=β)"
+            )
+        decay = decays[0] if new and decays else None  # an existing task's β wins over ema_decay
+        # Create in model order before any hook fires: under a rank group, creation is
+        # collective and decides which rank owns which parameter.
+        for n in tracked:
+            self.store.create(task, n, tuple(named[n].shape), layouts[n], decay=decay)
+        # The store's creation order: the same on every rank, so it orders the reductions.
+        chosen = set(tracked)
+        return Prepared([n for n in self.store.params(task) if n in chosen], layouts)
+
+    def run_step(self, model: nn.Module, batch: Mapping[str, Any], task: str, order: list[str],
+                 layouts: dict[str, ParamLayout]) -> int:
+        """One EMA step of ``task`` tracking ``order`` (what :meth:`prepare` returned, or a part of it).
+
+        Returns the step's token count T. Usage: ``T = fc.run_step(model, batch, "math", *fc.prepare(model, "math"))``.
+        """
+        run = StepRun(self, model, task, order, layouts)
+        if self.data_parallel:
+            T = run.data_parallel(batch)
+        elif getattr(self.loss_fn, "count_tokens", None) is not None:
+            T = run.streamed(batch)
+        else:
+            T = run.summed(batch)
+        # On the first step that lands: a call that failed after creating the task left none.
+        if self.store.metadata(task).get("estimator") is None:
+            self.store.set_metadata(task, estimator=self.estimator, model=model_description(model),
+                                    micro_batch_size=self.micro_batch_size, loss=loss_name(self.loss_fn))
+        self.record_groups(task, run.groups.to_host(), T)
+        return T
+
+    def owner_ranks(self, task: str, order: list[str]) -> list[int]:
+        """Which rank owns each of ``order`` (collective the first time for a task and parameter list)."""
+        key = (task, tuple(order))
+        if key not in self._owners:
+            self._owners[key] = self.group.owner_ranks(order, [self.store.owns(task, n) for n in order])
+        return self._owners[key]
+
+    # -- reading ------------------------------------------------------------------------
+    def get_token_count(self, task: str) -> int:
+        return self.store.metadata(task)["tokens_seen"]
+
+    def full_fisher(self, task: str, name: str | None = None, bias_corrected: bool = True) -> Any:
+        """Full lazy Fisher tensors: a read-only ``{param: LazyFisher}`` mapping, or one LazyFisher."""
+        if name is not None:
+            return self.store.fisher(task, name, bias_corrected)
+        return types.MappingProxyType({n: self.store.fisher(task, n, bias_corrected) for n in self.store.params(task)})
+
+    # -- per-sample gradients (for QK-OV scoring) ---------------------------------------
+    def sample_gradients(self, model: nn.Module, batch: Mapping[str, torch.Tensor],
+                         names: Iterable[str] | None = None) -> SampleGrads:
+        """Per-sample gradients (``loss_fn``'s token-summed loss) of the tracked parameters, on the CPU.
+
+        Memory is ``n × Σ|param|`` fp32: meant for the few samples a QK-OV heat map uses.
+        """
+        check_loss_fn(self.loss_fn, model)
+        layouts = self.layouts(model)
+        return sample_gradients(self.loss_fn, model, batch, list(names) if names is not None else self._select(model, layouts))
+
+    # -- helpers ------------------------------------------------------------------------
+    def layouts(self, model: nn.Module) -> dict[str, ParamLayout]:
+        """``layouts_from_model(model, overrides=layouts)``, cached per model."""
+        key = id(model)
+        if key not in self._layout_cache:
+            self._layout_cache[key] = layouts_from_model(model, overrides=self._layout_overrides)
+        return self._layout_cache[key]
+
+    def _select(self, model: nn.Module, layouts: dict[str, ParamLayout]) -> list[str]:
+        return select_params(model, layouts, self.params)

@@ -1,0 +1,151 @@
+"""Phase 6 out of core: the parts of a heat map read straight from a store, within a budget.
+
+The QK-OV heat map (:meth:`~fisherstore.qkov.QKOVInterference.heatmap_from_store`) needs,
+per (layer, head, block), task A's contributions ``C_i = g_i²/T_i`` over the block, task
+B's ``|g_j|/T_j`` over it, and a Fisher block (the EMA one, or the contribution one
+``mean_i C_i``). Its parts, each a function here:
+
+* :func:`plan_blocks`: the distinct blocks to read; a GQA key / value block is read once
+  for all the query heads that share it;
+* :func:`block_inputs`: the blocks' inputs, read ahead on a few threads with as many
+  blocks in flight as the memory budget allows, so the disk never waits for the matmul
+  and the matmul never waits for the disk;
+* :func:`weighted_gram`: one block's scores in one cache-sized pass per tile;
+* :func:`top_conflicts`: the largest scores, with the samples' ids.
+
+Usage::
+
+    jobs = plan_blocks(qk.indexer, layers, heads, "QKVO")
+    for job, g_a, g_b, F in block_inputs(store, jobs, "math", "code", "ema", None, 1 << 30):
+        s = weighted_gram(g_a, g_b, 1 / qk.denominator(F)[0], torch.device("cpu"))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..engine.iopool import read_ahead
+from ..errors import InvalidArgumentError
+from ..spec.regions import Region, bounded, region_shape
+from ..spec.samples import contribution_mean
+
+__all__ = ["FISHERS", "BlockJob", "plan_blocks", "block_inputs", "weighted_gram", "top_conflicts", "TILE"]
+
+FISHERS = ("ema", "contribution")
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """One block to read: the parameter, its region, and the query heads (positions in ``heads``) it scores."""
+
+    layer: Any
+    layer_pos: int
+    block: str
+    name: str
+    region: Region
+    head_pos: tuple[int, ...]
+
+
+def plan_blocks(indexer: Any, layers: Sequence[Any], heads: Sequence[int], blocks: Sequence[str]) -> list[BlockJob]:
+    """The distinct blocks of (layers × heads × blocks): query heads sharing a K/V block share one job."""
+    jobs = []
+    for b in blocks:
+        for li, layer in enumerate(layers):
+            by_region: dict[tuple, list[int]] = {}
+            for hi, h in enumerate(heads):
+                sl = indexer.block_slice(layer, h, b)
+                by_region.setdefault((sl.param_name, sl.rows.start, sl.rows.stop, sl.cols.start, sl.cols.stop),
+                                     []).append(hi)
+            for (name, *_), pos in by_region.items():
+                sl = indexer.block_slice(layer, heads[pos[0]], b)
+                jobs.append(BlockJob(layer, li, b, name, (sl.rows, sl.cols), tuple(pos)))
+    return jobs
+
+
+def block_inputs(store: Any, jobs: Sequence[BlockJob], task_a: str, task_b: str, fisher: str,
+                 fisher_task: str | None, memory_budget: int, workers: int = 4
+                 ) -> Iterator[tuple[BlockJob, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(job, g_a [n_a, *block], g_b [n_b, *block], Fisher [*block])`` for each job, reading ahead.
+
+    The gradients come as stored (their own dtype, not yet divided by ``T``): the scorer
+    fuses the conversion, the squares and the divisions into its matmul, tile by tile, so
+    each byte crosses memory once (:func:`weighted_gram`). The Fisher block is fp32: the
+    EMA of ``fisher_task`` (default task A) or its contribution Fisher. Blocks in flight
+    are bounded by ``memory_budget``.
+    """
+    if fisher not in FISHERS:
+        raise InvalidArgumentError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    fisher_task = fisher_task or task_a
+    n_a, n_b = len(store.sample_ids(task_a)), len(store.sample_ids(task_b))
+    if not n_a or not n_b:
+        empty = task_a if not n_a else task_b
+        raise InvalidArgumentError(f"task {empty!r} has no per-sample gradients; collect them first "
+                                   "(FisherCollector.collect_samples)")
+
+    def read(job: BlockJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        region = bounded(job.region, store.param(task_a, job.name).shape)
+        g_a = store.samples(task_a, job.name).read(None, region)
+        g_b = store.samples(task_b, job.name).read(None, region)
+        if fisher == "ema":
+            F = store.fisher(fisher_task, job.name)[region]
+        elif fisher_task == task_a:  # the contribution Fisher of A over this block: no second read
+            F = contribution_mean(g_a, store.sample_tokens(task_a))
+        else:
+            F = store.samples(fisher_task, job.name).contributions(region=region).mean(0)
+        return g_a, g_b, F
+
+    if not jobs:
+        return
+    first = region_shape(bounded(jobs[0].region, store.param(task_a, jobs[0].name).shape))
+    per_job = max(4 * (n_a + n_b + 1) * math.prod(first), 1)
+    window = min(2 * workers, memory_budget // per_job)
+    for job, (g_a, g_b, F) in read_ahead(jobs, read, window, workers, "fisherstore-phase6"):
+        yield job, g_a, g_b, F
+
+
+#: Elements per row of one tile of :func:`weighted_gram`: two [n, TILE] fp32 operands of a
+#: few dozen samples stay in the CPU's cache while they are squared, weighted and multiplied.
+TILE = 16384
+
+
+def weighted_gram(g_a: torch.Tensor, g_b: torch.Tensor, w: torch.Tensor, device: torch.device,
+                  tile: int = TILE) -> torch.Tensor:
+    """``S[i, j] = Σ_e g_a[i, e]² · w[e] · |g_b[j, e]|`` in fp32, for [n, E] gradients of any float dtype.
+
+    On the CPU it runs tile by tile along ``E``, so the conversion to fp32, the square, the
+    weighting and the matmul touch each tile while it is in cache (about 4× faster than
+    whole-tensor ops on a 2-core machine, whose memory bandwidth is the limit); on a GPU
+    it is one fused pass.
+    """
+    n_a, n_b = g_a.shape[0], g_b.shape[0]
+    g_a, g_b, w = g_a.reshape(n_a, -1), g_b.reshape(n_b, -1), w.reshape(-1)
+    if device.type != "cpu":
+        a = g_a.to(device).float().square_().mul_(w.to(device))
+        return a @ g_b.to(device).float().abs_().T
+    E = g_a.shape[1]
+    out = torch.zeros(n_a, n_b, dtype=torch.float32)
+    a_buf, b_buf = torch.empty(n_a, min(tile, E)), torch.empty(n_b, min(tile, E))
+    for lo in range(0, E, tile):
+        hi = min(E, lo + tile)
+        a, b = a_buf[:, :hi - lo], b_buf[:, :hi - lo]
+        a.copy_(g_a[:, lo:hi]).square_().mul_(w[lo:hi])
+        b.copy_(g_b[:, lo:hi]).abs_()
+        out.addmm_(a, b.T)
+    return out
+
+
+def top_conflicts(scores: torch.Tensor, layers: Sequence[Any], heads: Sequence[int], ids_a: Sequence[Any],
+                  ids_b: Sequence[Any], k: int = 100) -> list[dict[str, Any]]:
+    """The ``k`` largest scores of one block's [n_a, n_b, L, H] tensor, as records with sample ids."""
+    flat = scores.reshape(-1)
+    top = torch.topk(flat, min(k, flat.numel()))
+    out = []
+    for v, idx in zip(top.values.tolist(), top.indices.tolist()):
+        i, j, li, hi = (int(x) for x in torch.unravel_index(torch.tensor(idx), scores.shape))
+        out.append({"sample_i": ids_a[i], "sample_j": ids_b[j], "layer": layers[li], "head": heads[hi], "score": v})
+    return out

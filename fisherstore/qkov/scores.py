@@ -1,0 +1,240 @@
+"""QK-OV interference ("Phase 6"): Fisher-normalised scores of sample pairs, per (layer, head, block).
+
+For samples i (task A) and j (task B), layer ℓ, head h and block B ∈ {Q, K, V, O}:
+
+    M^B_{ij,ℓ,h} = Σ_{k ∈ slice(ℓ,h,B)} C_{i,k} / (max(Î_k, ε) + λ) · |g_{j,k}|
+
+with ``λ = ridge``, or ``max(ridge, ridge_rel · median(Î_slice))`` when ``ridge_rel > 0``.
+The slice is one head block (:mod:`.indexer`), so with a head-chunked store each score
+reads one chunk. :meth:`QKOVInterference.heatmap` scores tensors in RAM;
+:meth:`QKOVInterference.heatmap_from_store` reads a store's per-sample gradients block by
+block, out of core (:mod:`.outofcore`).
+
+Usage::
+
+    qk = QKOVInterference(QKOVIndexer.from_model(model))
+    score, diag = qk.block_head_score(C_i, g_j, fisher, layer=3, head=5, block="Q")
+    heat = qk.heatmap_from_store(store, "math", "code")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import cachetools
+import torch
+
+from ..errors import UnknownParamError, close_matches
+from ..progress import progress_bar
+from ..spec.layout import BLOCKS
+from ..store.lazy import LazyFisher
+from .indexer import BlockHeadSlice, QKOVIndexer
+from .outofcore import block_inputs, plan_blocks, top_conflicts, weighted_gram
+
+__all__ = ["QKOVInterference"]
+
+Tensorish = torch.Tensor | LazyFisher
+
+
+class _BlockCache:
+    """LRU cache of decoded Fisher blocks, bounded in bytes (a ``cachetools.LRUCache`` sized by ``nbytes``)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.hits = self.misses = 0
+        self._d: cachetools.LRUCache = cachetools.LRUCache(max_bytes, getsizeof=_nbytes)
+
+    @property
+    def bytes(self) -> int:
+        return int(self._d.currsize)
+
+    def get(self, key: Any, load: Any) -> torch.Tensor:
+        v = self._d.get(key)
+        if v is not None:
+            self.hits += 1
+            return v
+        self.misses += 1
+        v = load()
+        if _nbytes(v) <= self.max_bytes:  # a block larger than the whole cache is used once, not kept
+            self._d[key] = v
+        return v
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class QKOVInterference:
+    """Fisher-normalised QK-OV interference scores.
+
+    Args:
+        indexer: a :class:`QKOVIndexer`.
+        eps: floor ε on the Fisher.
+        ridge: λ added to the floored Fisher.
+        ridge_rel: if > 0, λ = max(ridge, ridge_rel · median of the block's Fisher).
+        cache_bytes: bound of the LRU cache of decoded Fisher blocks.
+    """
+
+    def __init__(self, indexer: QKOVIndexer, eps: float = 1e-10, ridge: float = 1e-8, ridge_rel: float = 0.0,
+                 cache_bytes: int = 256 << 20) -> None:
+        self.indexer = indexer
+        self.eps, self.ridge, self.ridge_rel = eps, ridge, ridge_rel
+        self.cache = _BlockCache(cache_bytes)
+
+    def fisher_block(self, fisher: Tensorish, sl: BlockHeadSlice) -> torch.Tensor:
+        """One Fisher block as fp32, through the cache when it comes from a store."""
+        if isinstance(fisher, LazyFisher):
+            key = (fisher.cache_key, sl.rows.start, sl.rows.stop, sl.cols.start, sl.cols.stop)
+            return self.cache.get(key, lambda: sl.apply(fisher).float())
+        return sl.apply(fisher.detach().to(dtype=torch.float32, device="cpu"))
+
+    def denominator(self, block: torch.Tensor, eps: float | None = None, ridge: float | None = None,
+                    ridge_rel: float | None = None) -> tuple[torch.Tensor, float]:
+        """``max(Î, ε) + λ`` for one Fisher block, and the λ applied (the scorer's ε, ridge, ridge_rel by default)."""
+        return self._denominator(block, self.eps if eps is None else eps, self.ridge if ridge is None else ridge,
+                                 self.ridge_rel if ridge_rel is None else ridge_rel)
+
+    def _denominator(self, block: torch.Tensor, eps: float, ridge: float, ridge_rel: float) -> tuple[torch.Tensor, float]:
+        lam = ridge
+        if ridge_rel > 0:
+            lam = max(ridge, ridge_rel * float(block.median()))
+        return block.clamp_min(eps) + lam, lam
+
+    def block_head_score(self, contrib: Tensorish, grad: Tensorish, fisher: Tensorish, layer: int | str, head: int,
+                         block: str, eps: float | None = None, ridge: float | None = None,
+                         ridge_rel: float | None = None) -> tuple[float, dict[str, float]]:
+        """Score of one (layer, head, block) for one contribution C and one gradient g.
+
+        ``contrib``, ``grad`` and ``fisher`` are the full parameter tensors (or LazyFisher).
+        Returns ``(score, diagnostics)``; diagnostics hold the Fisher block's min, median,
+        max, the fraction below ε and the λ applied.
+        """
+        eps = self.eps if eps is None else eps
+        ridge = self.ridge if ridge is None else ridge
+        ridge_rel = self.ridge_rel if ridge_rel is None else ridge_rel
+        sl = self.indexer.block_slice(layer, head, block)
+        Fb = self.fisher_block(fisher, sl)
+        C = sl.apply(contrib.detach().to(dtype=torch.float32, device="cpu"))
+        G = sl.apply(grad.detach().to(dtype=torch.float32, device="cpu"))
+        if C.shape != Fb.shape or G.shape != Fb.shape:
+            raise ValueError(f"block shapes differ: C {tuple(C.shape)}, g {tuple(G.shape)}, Fisher {tuple(Fb.shape)}")
+        den, lam = self._denominator(Fb, eps, ridge, ridge_rel)
+        score = float((C / den * G.abs()).sum(dtype=torch.float64))
+        return score, self._diag(Fb, lam, eps, C, G)
+
+    def block_head_scores(self, contribs: torch.Tensor, grads: torch.Tensor, fisher: Tensorish, layer: int | str,
+                          head: int, block: str) -> torch.Tensor:
+        """Batched scores: ``contribs`` [n_a, *shape], ``grads`` [n_b, *shape] → [n_a, n_b].
+
+        One Fisher block read and one matmul: ``(C/(Î+λ)) @ |g|ᵀ`` over the flattened block.
+        """
+        sl = self.indexer.block_slice(layer, head, block)
+        Fb = self.fisher_block(fisher, sl)
+        den, _ = self._denominator(Fb, self.eps, self.ridge, self.ridge_rel)
+        C = contribs[:, sl.rows, sl.cols].float().cpu().reshape(contribs.shape[0], -1)
+        G = grads[:, sl.rows, sl.cols].float().cpu().abs().reshape(grads.shape[0], -1)
+        return (C / den.reshape(1, -1)).double() @ G.double().T
+
+    def heatmap(self, contribs: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
+                fisher: Mapping[str, Tensorish], layers: Iterable[int | str] | None = None,
+                heads: Iterable[int] | None = None, blocks: Iterable[str] = BLOCKS,
+                progress: bool | None = None) -> dict[str, Any]:
+        """Mean interference over all (i, j) pairs, per block: ``{"Q": array [layers, heads], ...}``.
+
+        ``contribs``/``grads`` map parameter names to per-sample tensors [n, *shape];
+        ``fisher`` maps them to the Fisher (e.g. ``collector.full_fisher(task)``). Also
+        returns ``"layers"``, ``"heads"`` and ``"scores"`` ({block: [n_a, n_b, L, H]}).
+        ``progress``: a bar of scored head blocks (None: on a terminal only).
+        """
+        layers = list(self.indexer.layers if layers is None else layers)
+        heads = list(range(self.indexer.num_heads) if heads is None else heads)
+        blocks = list(blocks)
+        with progress_bar(len(blocks) * len(layers) * len(heads), progress, "QK-OV scores", unit="block") as bar:
+            scores = self._score(contribs, grads, fisher, layers, heads, blocks, bar)
+        first = next(iter(scores.values()))
+        return _result(scores, layers, heads, list(range(first.shape[0])), list(range(first.shape[1])))
+
+    def heatmap_from_store(self, store: Any, task_a: str, task_b: str, fisher: str = "ema",
+                           fisher_task: str | None = None, layers: Iterable[int | str] | None = None,
+                           heads: Iterable[int] | None = None, blocks: Iterable[str] = "QKVO",
+                           memory_budget: int | None = None, device: Any = None,
+                           progress: bool | None = None, *, top_k: int = 100) -> dict[str, Any]:
+        """The heat map straight from a store's per-sample gradients, out of core (Phase 6 at 7B).
+
+        For each (layer, head, block): task A's ``C_i = g_i²/T_i`` ``[n_a, block]``, task B's
+        ``|g_j|/T_j`` ``[n_b, block]`` and the Fisher block (``fisher="ema"``: the EMA of
+        ``fisher_task``, default task A; ``"contribution"``: ``mean_i C_i``), then one matmul
+        ``(C/(Î+λ)) @ |g|ᵀ`` on ``device`` (default CPU). Reads run ahead on threads, within
+        ``memory_budget`` (default: the store's); a subset of layers, heads or blocks reads
+        only their chunks. Returns what :meth:`heatmap` does: ``scores`` [n_a, n_b, L, H]
+        per block, the [L, H] means, ``top_conflicts`` (``top_k`` per block) with the stores'
+        sample ids. The parts are :mod:`fisherstore.qkov.outofcore`'s.
+
+        Usage: ``qk.heatmap_from_store(store, "math", "code", fisher="contribution", device="cuda")``.
+        """
+        layers = list(self.indexer.layers if layers is None else layers)
+        heads = list(range(self.indexer.num_heads) if heads is None else heads)
+        blocks = [b.upper() for b in blocks]
+        budget = memory_budget if memory_budget is not None else store.memory_budget or (1 << 30)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        ids_a, ids_b = store.sample_ids(task_a), store.sample_ids(task_b)
+        # The divisions by T_i and T_j move out of the sum: one [n_a, n_b] scale per block.
+        t_a, t_b = (store.sample_tokens(t).clamp_min(1).to(torch.float64) for t in (task_a, task_b))
+        per_pair = 1.0 / (t_a[:, None] * t_b[None, :])
+        scores = {b: torch.zeros(len(ids_a), len(ids_b), len(layers), len(heads), dtype=torch.float64) for b in blocks}
+        jobs = plan_blocks(self.indexer, layers, heads, blocks)
+        with progress_bar(len(jobs), progress, "QK-OV blocks", unit="block") as bar:
+            for job, g_a, g_b, F in block_inputs(store, jobs, task_a, task_b, fisher, fisher_task, budget):
+                den, _ = self.denominator(F)
+                s = weighted_gram(g_a, g_b, den.reciprocal_(), device).to("cpu", torch.float64) * per_pair
+                for hi in job.head_pos:  # a K/V block scores every query head of its group alike
+                    scores[job.block][:, :, job.layer_pos, hi] = s
+                bar.update(1)
+        return _result(scores, layers, heads, ids_a, ids_b, top_k)
+
+    def _score(self, contribs: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
+               fisher: Mapping[str, Tensorish], layers: list[int | str], heads: list[int], blocks: list[str],
+               bar: Any) -> dict[str, torch.Tensor]:
+        out = {}
+        for b in blocks:
+            b = b.upper()
+            first = self.indexer.param_name(layers[0], b)
+            n_a, n_b = contribs[first].shape[0], grads[first].shape[0]
+            scores = torch.zeros(n_a, n_b, len(layers), len(heads), dtype=torch.float64)
+            for li, layer in enumerate(layers):
+                name = self.indexer.param_name(layer, b)
+                for key, src in (("contribs", contribs), ("grads", grads), ("fisher", fisher)):
+                    if name not in src:
+                        raise UnknownParamError(f"{key} has no entry for {name!r}." + close_matches(name, src))
+                for hi, h in enumerate(heads):
+                    scores[:, :, li, hi] = self.block_head_scores(contribs[name], grads[name], fisher[name], layer, h, b)
+                    bar.update(1)
+            out[b] = scores
+        return out
+
+    @staticmethod
+    def _diag(Fb: torch.Tensor, lam: float, eps: float, C: torch.Tensor, G: torch.Tensor) -> dict[str, float]:
+        flat = Fb.reshape(-1)
+        return {
+            "fisher_min": float(flat.min()) if flat.numel() else math.nan,
+            "fisher_median": float(flat.median()) if flat.numel() else math.nan,
+            "fisher_max": float(flat.max()) if flat.numel() else math.nan,
+            "frac_below_eps": float((flat < eps).float().mean()) if flat.numel() else math.nan,
+            "ridge_applied": lam,
+            "contrib_norm": float(C.norm()),
+            "grad_norm": float(G.norm()),
+        }
+
+
+def _result(scores: dict[str, torch.Tensor], layers: list[Any], heads: list[int], ids_a: Sequence[Any],
+            ids_b: Sequence[Any], top_k: int = 100) -> dict[str, Any]:
+    """A heat map's result: per block the scores [n_a, n_b, L, H] and their [L, H] mean over pairs, the top
+    conflicts with sample ids, and the axes."""
+    out: dict[str, Any] = {"layers": layers, "heads": heads, "scores": scores, "sample_ids": (ids_a, ids_b),
+                           "top_conflicts": {b: top_conflicts(s, layers, heads, ids_a, ids_b, top_k)
+                                             for b, s in scores.items()}}
+    for b, s in scores.items():
+        out[b] = s.mean(dim=(0, 1)).numpy()
+    return out

@@ -1,0 +1,178 @@
+"""The facade's writing verbs: creation, metadata, EMA steps, flushes and multi-pass replays.
+
+Each is a few lines over :mod:`fisherstore.engine.step` (one step), :mod:`fisherstore.engine.commit`
+(the flush transaction) and :mod:`fisherstore.engine.replay` (a multi-pass run's hold on a task).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..engine.catalog import ParamState, TaskState
+from ..engine.replay import Replay
+from ..engine.step.writer import StepWriter
+from ..errors import FisherStoreError, FlushError, InvalidArgumentError, StepError
+from ..spec.ema import validate_decay
+from ..spec.format import encode_name, json_value
+from ..spec.layout import ParamLayout
+from ..spec.manifest import ESTIMATORS
+from .base import StoreBase
+
+
+class WriteMethods(StoreBase):
+    """``create``, ``set_metadata``, ``update``, ``begin_step``, ``flush``, ``replay``."""
+
+    def set_metadata(
+        self, task: str, *, estimator: str | None = None, model: Mapping[str, Any] | None = None, **user: Any
+    ) -> None:
+        """Record the estimator, a model description and free-form fields for ``task`` (committed by the next flush).
+
+        Values must be JSON: numbers (numpy scalars are converted), strings, bools, None,
+        lists and dicts. Anything else is refused here, and nothing of the call is kept.
+        """
+        self._check_writable("set_metadata")
+        t = self._cat().task(task)
+        if estimator not in (*ESTIMATORS, None):
+            raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS} (or None: unchanged), got {estimator!r}")
+        model = json_value(dict(model), "model") if model is not None else None
+        user = json_value(user, "set_metadata()") if user else {}
+        with self._state_lock:
+            if estimator is not None:
+                t.info["estimator"] = estimator
+            if model is not None:
+                t.info["model"] = model
+            if user:
+                t.info.setdefault("user", {}).update(user)
+            t.changed = True
+
+    def create(
+        self,
+        task: str,
+        name: str,
+        shape: Sequence[int],
+        layout: ParamLayout | None = None,
+        decay: float | None = None,
+        *,
+        chunks: Sequence[int] | None = None,
+    ) -> None:
+        """Start tracking parameter ``name`` of ``task`` (creating the task if new).
+
+        Creating an existing parameter with the same shape and layout does nothing.
+        Creation is not a commit: the next flush (or ``close``) writes it, in one batch.
+
+        Args:
+            shape: the parameter's native shape (Linear ``[out, in]``, Conv1D ``[in, out]``).
+            layout: head geometry; attention parameters get one chunk per head block.
+            decay: EMA β (default: the store's).
+            chunks: override the chunk shape (default: from the layout).
+        """
+        self._create(task, name, shape, layout, decay, chunks)
+
+    def _create(self, task: str, name: str, shape: Sequence[int], layout: ParamLayout | None = None,
+                decay: float | None = None, chunks: Sequence[int] | None = None) -> ParamState:
+        self._check_writable("create")
+        beta = self.decay if decay is None else validate_decay(decay)
+        with self._state_lock:
+            t = self._cat().get(task) or TaskState(task, encode_name(task, "task name"), listed=False)
+            p = t.new_param(name, shape, layout, beta, chunks)  # refused before the task is made
+            if p is None:
+                return t.params[name]
+            t = self._task_or_create(task)
+            self._place(p, len(t.params))
+            t.params[name] = p
+            t.changed = True
+            return p
+
+    def _task_or_create(self, task: str) -> TaskState:
+        t = self._cat().get(task)
+        if t is not None:
+            return t
+        self._check_writable("create a task")
+        t = TaskState(name=task, key=encode_name(task, "task name"), listed=False, changed=True)
+        if any(o.key == t.key for o in self._catalog):
+            raise InvalidArgumentError(f"task {task!r} collides with an existing task's directory {t.key!r}")
+        self._catalog.add(t)
+        return t
+
+    def update(
+        self,
+        task: str,
+        grads_sq: Mapping[str, Any],
+        tokens: int | None = None,
+        *,
+        layouts: Mapping[str, ParamLayout | None] | None = None,
+    ) -> None:
+        """One EMA step for ``task``.
+
+        Parameters the task tracks but ``grads_sq`` omits get ``x = 0`` by lazy decay (their
+        arrays are not rewritten). With ``tokens``, each value is divided by it (token
+        normalisation) and the count is added to the task's ``tokens_seen``. Unknown
+        parameters are created on the fly when ``layouts`` names them (None: no heads).
+
+        Raises :class:`FlushError` when the step was applied but the automatic flush after
+        it (``flush_every``) failed: do not repeat the step. Any other error means the
+        step was discarded whole.
+        """
+        with self.begin_step(task, tokens=tokens, layouts=layouts) as st:
+            for name, g in grads_sq.items():
+                st.add(name, g)
+
+    def begin_step(
+        self, task: str, tokens: int | None = None, *, layouts: Mapping[str, ParamLayout | None] | None = None
+    ) -> StepWriter:
+        """Start one EMA step fed one parameter at a time; use as a context manager.
+
+        ``with store.begin_step("taskA", tokens=512) as st: st.add(name, grad_sq)``. A
+        step whose block raises is discarded whole. Adding the same parameter twice in
+        one step sums the two contributions (e.g. micro-batches).
+        """
+        self._check_writable("begin_step")
+        if self._active is not None:
+            raise StepError(
+                f"a step for task {self._active.task!r} is still open; finish it (leave its "
+                "`with` block) before starting another"
+            )
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0):
+            raise InvalidArgumentError(f"tokens must be a positive int (the token count T) or None, got {tokens!r}")
+        with self._state_lock:
+            t = self._task_or_create(task) if layouts is not None else self._cat().task(task)
+        self._active = StepWriter(self._write, t, tokens, dict(layouts or {}), self._create, self._step_ended)
+        return self._active
+
+    def _step_ended(self, st: StepWriter, applied: bool) -> None:
+        self._active = None
+        if not applied:
+            return
+        self._steps_since_flush += 1
+        if self.flush_every is None or self._steps_since_flush < self.flush_every:
+            return
+        try:
+            self.flush()
+        except (FisherStoreError, OSError) as e:
+            raise FlushError(
+                getattr(e, "errno", None),
+                f"step {st.t} of task {st.task!r} was applied and is kept in RAM, but the automatic flush after it "
+                f"(flush_every={self.flush_every}) failed: {e}. Do not repeat the step (it would count twice); fix "
+                "the cause and call flush() again.",
+            ) from e
+
+    def flush(self) -> None:
+        """Fold RAM accumulators into new generations, sync once, and commit every dirty task."""
+        self._check_open()
+        if not self.writable:
+            return
+        if self._active is not None:
+            raise StepError("flush() inside an open step; leave the step's `with` block first")
+        self._commit.flush(self._catalog, self._doc)
+        self._steps_since_flush = 0
+
+    def replay(self, task: str, names: Sequence[str], *, in_place: bool = True) -> Replay:
+        """A multi-pass run's hold on ``task`` (:mod:`fisherstore.engine.replay`): rewind it per pass, write each
+        group once, commit with one flush; ``abort()`` puts it back at its last commit.
+
+        Usage: see :meth:`FisherCollector.collect_fisher_dataset`, its one user.
+        """
+        self._check_writable("replay")
+        with self._state_lock:
+            return Replay(self._write, self._cat().task(task), list(names), in_place=in_place)
