@@ -10,9 +10,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import warnings
 
@@ -29,48 +26,6 @@ from fisherstore.verify import verify_store  # noqa: E402
 
 BACKENDS = ["zarr", "tensorstore"]
 Q = ParamLayout.attention("q", 4, 4)
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on a free local port, its AWS_* environment, and a bucket factory."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    for _ in range(100):
-        try:
-            client.list_buckets()
-            break
-        except Exception:
-            time.sleep(0.1)
-    counter = iter(range(10**6))
-
-    def bucket() -> str:
-        name = f"fs-test-{next(counter)}"
-        client.create_bucket(Bucket=name)
-        return f"s3://{name}/runs/fisher"
-
-    try:
-        yield bucket
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,10 @@ __all__ = ["RamBackend"]
 
 
 class RamBackend(ArrayBackend):
-    """Arrays are numpy arrays in a dict; nothing survives the process. Codecs do not apply."""
+    """Arrays are numpy arrays in a dict; nothing survives the process. Codecs do not apply.
+
+    ``read_only`` refuses every mutation, as a read-only medium does (``PermissionError``).
+    """
 
     name = "ram"
     persistent = False
@@ -31,22 +35,26 @@ class RamBackend(ArrayBackend):
         return copy.deepcopy(doc) if doc is not None else None
 
     def write_json(self, key: str, doc: dict[str, Any], durable: bool = True) -> None:
+        self._check_writable()
         self._docs[key] = copy.deepcopy(doc)
 
     def create_array(self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any],
                      codecs: CodecSpec) -> None:
+        self._check_writable()
         self._arrays[key] = np.zeros(tuple(shape), dtype=np.float32)
         self._docs[key + "/zarr.json"] = {"node_type": "array", "attributes": copy.deepcopy(attributes),
                                           "chunks": list(chunks)}
 
     def create_raw_array(self, key: str, shape: Sequence[int], chunks: Sequence[int], dtype: str,
                          attributes: dict[str, Any], codecs: list[dict[str, Any]]) -> None:
+        self._check_writable()
         self.delete(key)
         self._arrays[key] = np.zeros(tuple(shape), dtype=CARRIERS[dtype])
         self._docs[key + "/zarr.json"] = {"node_type": "array", "attributes": copy.deepcopy(attributes),
                                           "chunks": list(chunks), "data_type": dtype}
 
     def write_chunk(self, key: str, coords: Sequence[int], data: np.ndarray) -> None:
+        self._check_writable()
         a = self._arrays[key]
         region = chunk_region(coords, a.shape, self._docs[key + "/zarr.json"]["chunks"])
         a[region] = np.asarray(data, dtype=a.dtype).reshape(region_shape(region))
@@ -70,6 +78,7 @@ class RamBackend(ArrayBackend):
         return self._arrays[key][region].copy()
 
     def write(self, key: str, region: Region, data: np.ndarray) -> None:
+        self._check_writable()
         self._arrays[key][region] = data
 
     def list(self, key: str) -> list[str]:
@@ -83,6 +92,7 @@ class RamBackend(ArrayBackend):
         return sorted(names)
 
     def delete(self, key: str) -> None:
+        self._check_writable()
         prefix = key.rstrip("/") + "/"
         for d in (self._docs, self._arrays):
             for k in [k for k in d if k == key or k.startswith(prefix)]:
@@ -91,3 +101,7 @@ class RamBackend(ArrayBackend):
     def nbytes(self, key: str = "", chunks_only: bool = False) -> int:
         prefix = key.rstrip("/") + "/" if key else ""
         return sum(a.nbytes for k, a in self._arrays.items() if k.startswith(prefix) or k == key)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise PermissionError(errno.EROFS, "backend is read-only", "<ram>")
