@@ -214,8 +214,6 @@ def check_loss(loss_fn: Any, model: nn.Module) -> None:
         )
 
 
-
-
 def loss_name(loss_fn: Any) -> str:
     return str(getattr(loss_fn, "name", None) or getattr(loss_fn, "__name__", None) or type(loss_fn).__name__)
 

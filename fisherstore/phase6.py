@@ -11,10 +11,17 @@ Usage::
     plot_comparison(compare_fishers(store, "math"), "ema_vs_contribution.png")
 """
 
+from typing import Any
+
 from .qkov.compare import compare_fishers
 from .qkov.outofcore import FISHERS, BlockJob, block_inputs, plan_blocks, top_conflicts, weighted_gram
 from .spec.samples import contribution_mean
 from .views.plots import plot_comparison
 
 __all__ = ["FISHERS", "BlockJob", "plan_blocks", "block_inputs", "weighted_gram", "top_conflicts",
-           "contribution_mean", "compare_fishers", "plot_comparison"]
+           "contribution_mean", "compare_fishers", "plot_comparison", "heatmap_from_store"]
+
+
+def heatmap_from_store(qk: Any, store: Any, task_a: str, task_b: str, **kwargs: Any) -> dict[str, Any]:
+    """``qk.heatmap_from_store(store, task_a, task_b, **kwargs)``, by its old name (``qk``: a ``QKOVInterference``)."""
+    return qk.heatmap_from_store(store, task_a, task_b, **kwargs)

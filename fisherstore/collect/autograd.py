@@ -73,8 +73,7 @@ def square(g: torch.Tensor) -> torch.Tensor:
 
 def square_of(grad: torch.Tensor, scale: Any) -> torch.Tensor:
     """``(scale · grad)²`` in fp32, in new memory: ``.grad`` itself is left for the optimiser."""
-    g = grad.detach()
-    x = (g.to_dense() if g.layout != torch.strided else g).to(torch.float32, copy=True).square_()
+    x = dense(grad).to(torch.float32, copy=True).square_()
     if isinstance(scale, torch.Tensor):
         return x.mul_(scale.to(x.device, torch.float32).square())
     return x.mul_(float(scale) ** 2) if scale != 1 else x

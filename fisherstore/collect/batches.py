@@ -50,8 +50,6 @@ def on_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-
-
 def fingerprint(batch: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...], int]]:
     """A checksum of the batch's integer tensors (token ids, masks, labels): equal batches, equal prints."""
     fp = []

@@ -130,7 +130,7 @@ class FisherCollector(GroupView):
         **store_options: Any,
     ) -> None:
         check_options(reduction, estimator, micro_batch_size, loss_fn, layouts, data_parallel)
-        group = store_options.get("group") if store is None else store.group
+        group = store_options.get("group") if store is None else getattr(store, "group", None)
         if group is not None and not isinstance(group, RankGroup):
             raise InvalidArgumentError(f"group must be a fisherstore.RankGroup, got {type(group).__name__}")
         self.reduction = reduction

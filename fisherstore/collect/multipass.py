@@ -2,15 +2,15 @@
 
 Streaming a state S larger than the budget B re-reads and rewrites ``S - B`` bytes per
 batch: minutes per batch for a 7B model on any disk (docs/design.md, "Collection cost"). Over a replayable set of
-batches (a probe set) there is a better way: split the tracked parameters into groups
-that fit, and make one pass over the batches per group, with only that group requiring
+batches (a probe set) there is a better way: split the tracked parameters into sets
+that fit, and make one pass over the batches per set, with only that set requiring
 gradients. That is ⌈S/B⌉ forward/backward passes per batch plus **one** write of the
-state, and it is exact: every group sees the same steps, so each parameter's EMA, the
+state, and it is exact: every pass sees the same steps, so each parameter's EMA, the
 task's step and its token count end as one pass with a budget large enough for all of
 them would leave them (bit for bit on the CPU, where the kernels are deterministic).
 
 **Interruption.** A run is atomic. It starts by flushing (so the store is at a commit),
-writes each group's state as uncommitted generations at the end of its pass, and commits
+writes each pass's state as uncommitted generations at the end of the pass, and commits
 once, at its end. An exception (or Ctrl-C) rolls the store object back to that commit and
 deletes what the run wrote; a killed process leaves uncommitted generations, which the
 next writer's recovery deletes. Either way the store is at its last commit, and a rerun
@@ -64,7 +64,7 @@ class DatasetRun:
     """What a multi-pass run did. ``bound`` is ⌈S/B⌉ for the state S and the capacity B it had."""
 
     passes: int
-    pass_params: list[list[str]]  # the parameters each pass tracks (requires grad for)
+    groups: list[list[str]]  # the parameters each pass tracks (requires grad for)
     streamed: list[str]  # too large for the budget alone: read-modify-written every step
     steps: int
     tokens: int
@@ -72,11 +72,6 @@ class DatasetRun:
     capacity_bytes: int
     pass_seconds: list[float] = field(default_factory=list)
     write_seconds: float = 0.0
-
-    @property
-    def groups(self) -> list[list[str]]:
-        """:attr:`pass_params` by its former name."""
-        return self.pass_params
 
     @property
     def bound(self) -> int:
@@ -87,7 +82,7 @@ def plan_passes(sizes: list[tuple[str, int]], host: int, device: int) -> tuple[l
                                                                               list[str]]:
     """Pack parameters (name, accumulator bytes) into passes of ``device`` + ``host`` bytes, first fit decreasing.
 
-    Returns the groups (each in the given order), where each name goes (``"device"`` or
+    Returns the parameters of each pass (each in the given order), where each name goes (``"device"`` or
     ``"host"``) and the names too large for either alone, which join the last pass streamed.
     """
     bins: list[list[Any]] = []  # [device left, host left, names]
@@ -108,12 +103,12 @@ def plan_passes(sizes: list[tuple[str, int]], host: int, device: int) -> tuple[l
         b[2].append(name)
         where[name] = ("device", "host")[side]
     order = {name: i for i, (name, _) in enumerate(sizes)}
-    groups = sorted((sorted(b[2], key=order.__getitem__) for b in bins), key=lambda g: order[g[0]])
+    passes = sorted((sorted(b[2], key=order.__getitem__) for b in bins), key=lambda g: order[g[0]])
     if oversized:
-        if not groups:
-            groups.append([])
-        groups[-1] = sorted(groups[-1] + oversized, key=order.__getitem__)
-    return groups, where, sorted(oversized, key=order.__getitem__)
+        if not passes:
+            passes.append([])
+        passes[-1] = sorted(passes[-1] + oversized, key=order.__getitem__)
+    return passes, where, sorted(oversized, key=order.__getitem__)
 
 
 class Replayable:
@@ -127,7 +122,7 @@ class Replayable:
             if any(isinstance(s, RandomSampler) for s in samplers):
                 raise InvalidArgumentError(
                     "the DataLoader shuffles (shuffle=True), so every pass would see the batches in another order "
-                    "and the groups would not see the same steps; pass DataLoader(..., shuffle=False), or a "
+                    "and the passes would not see the same steps; pass DataLoader(..., shuffle=False), or a "
                     "callable that returns the same batches each time"
                 )
             self._make: Callable[[], Iterable[Any]] = lambda: batches
@@ -197,7 +192,7 @@ def _run_passes(fc: MultiPassCollector, model: nn.Module, source: Replayable, ta
     enabled = fc.store.options.progress if progress is None else progress
     with tqdm(total=total, unit="batch", desc=f"fisher {task}", leave=False,
               disable=None if enabled is None else not enabled) as bar:
-        for i, names in enumerate(run.pass_params):
+        for i, names in enumerate(run.groups):
             bar.set_description(f"fisher {task}: pass {i + 1}/{run.passes}")
             start = time.perf_counter()
             replay.begin_pass(names, where, device)

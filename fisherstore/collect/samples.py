@@ -98,11 +98,16 @@ class SampleGrads:
 
     def contributions(self) -> dict[str, torch.Tensor]:
         """C_i = g_i² / T_i, a per-sample squared gradient normalised like the Fisher."""
-        return {n: contributions(g, self.tokens) for n, g in self.grads.items()}
+        return {n: contributions(g, self.tokens, _result_dtype(g)) for n, g in self.grads.items()}
 
     def signed(self) -> dict[str, torch.Tensor]:
         """g_j / T_j, the per-sample gradient of the token-mean loss (signed)."""
-        return {n: signed(g, self.tokens) for n, g in self.grads.items()}
+        return {n: signed(g, self.tokens, _result_dtype(g)) for n, g in self.grads.items()}
+
+
+def _result_dtype(g: torch.Tensor) -> torch.dtype:
+    """fp32, or ``g``'s dtype where it is wider (the gradients are fp32 when this module collects them)."""
+    return torch.promote_types(g.dtype, torch.float32)
 
 
 def sample_gradients(loss_fn: Any, model: nn.Module, batch: Mapping[str, torch.Tensor], names: list[str]) -> SampleGrads:

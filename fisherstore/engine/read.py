@@ -187,7 +187,7 @@ class ReadPath:
                 if p.layout is None or not p.layout.has_heads:
                     raise HeadIndexError(f"parameter {name!r} of task {task!r} has no head layout")
                 todo += [(name, h, b, bounded(p.layout.head_index(h, b, len(p.shape)), p.shape))
-                         for h, b in p.layout.head_blocks(block)]
+                         for h, b in p.layout.head_blocks(block or None)]
 
         def read(job: tuple[str, int, str, Region]) -> torch.Tensor:
             return self.region(task, job[0], job[3], bias_corrected)

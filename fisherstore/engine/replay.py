@@ -1,10 +1,10 @@
-"""The write side of a multi-pass run: replay one task's steps for each group of parameters.
+"""The write side of a multi-pass run: replay one task's steps once per pass, each pass for some of its parameters.
 
-A multi-pass run (:mod:`fisherstore.collect.multipass`) feeds the same N steps once per group of
-parameters. :class:`Replay` is its hold on the task's RAM state: it rewinds the task's
-step and token count before each pass, gives the pass's group accumulators (on the
-device or in host memory, as planned), and at the pass's end folds them into new
-**uncommitted** generations and frees them for the next group. Nothing is committed until
+A multi-pass run (:mod:`fisherstore.collect.multipass`) feeds the same N steps once per pass,
+each pass for its own parameters. :class:`Replay` is its hold on the task's RAM state: it rewinds the task's
+step and token count before each pass, gives the pass's parameters accumulators (on
+the device or in host memory, as planned), and at the pass's end folds them into new
+**uncommitted** generations and frees them for the next pass. Nothing is committed until
 the run's one flush; :meth:`Replay.abort` puts the RAM state back where the run found it
 (the last commit) and deletes what the run wrote, so an interrupted run leaves the store
 at its last commit, in this process and on disk (recovery deletes uncommitted generations).
@@ -16,8 +16,8 @@ needs twins to drop one parameter's step, and the store's automatic flushes wait
 Usage::
 
     r = store.replay(task, names)          # a Replay
-    r.begin_pass(group, placement)      # then one store step per batch
-    r.end_pass(group)                   # the group's state, written once
+    r.begin_pass(names, placement, device)   # then one store step per batch
+    r.end_pass(names)                   # the pass's state, written once
     r.finish()                          # then store.flush() commits everything
 """
 
@@ -37,7 +37,7 @@ __all__ = ["Replay"]
 
 
 class Replay:
-    """A multi-pass run's hold on ``t``: rewinds, placement, one write per group, rollback."""
+    """A multi-pass run's hold on ``t``: rewinds, placement, one write per pass, rollback."""
 
     def __init__(self, path: WritePath, t: TaskState, names: list[str], in_place: bool) -> None:
         dirty = [n for n in names if t.params[n].dirty]
@@ -94,7 +94,7 @@ class Replay:
                 p.acc, p.spare, p.a_last = torch.empty(p.shape, dtype=torch.float32, device=where), None, None
 
     def end_pass(self, names: list[str]) -> None:
-        """Write the group's accumulators once (uncommitted) and free them for the next group."""
+        """Write the pass's accumulators once (uncommitted) and free them for the next pass."""
         t = self.t
         self.ends.append((t.step, t.tokens_seen))
         self.path.fold_to_work(t, [n for n in names if t.params[n].a_last is not None], self.slab)

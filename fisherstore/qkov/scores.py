@@ -29,6 +29,7 @@ import torch
 from ..errors import UnknownParamError, close_matches
 from ..progress import progress_bar
 from ..spec.layout import BLOCKS
+from ..spec.samples import token_divisors
 from ..store.lazy import LazyFisher
 from .indexer import BlockHeadSlice, QKOVIndexer
 from .outofcore import block_inputs, plan_blocks, top_conflicts, weighted_gram
@@ -181,7 +182,7 @@ class QKOVInterference:
         device = torch.device(device) if device is not None else torch.device("cpu")
         ids_a, ids_b = store.sample_ids(task_a), store.sample_ids(task_b)
         # The divisions by T_i and T_j move out of the sum: one [n_a, n_b] scale per block.
-        t_a, t_b = (store.sample_tokens(t).clamp_min(1).to(torch.float64) for t in (task_a, task_b))
+        t_a, t_b = (token_divisors(store.sample_tokens(t), torch.float64) for t in (task_a, task_b))
         per_pair = 1.0 / (t_a[:, None] * t_b[None, :])
         scores = {b: torch.zeros(len(ids_a), len(ids_b), len(layers), len(heads), dtype=torch.float64) for b in blocks}
         jobs = plan_blocks(self.indexer, layers, heads, blocks)

@@ -82,7 +82,7 @@ def plan_index(key: Any, shape: tuple[int, ...], name: str) -> IndexPlan:
                 flips.append(dim)
         else:
             raise InvalidArgumentError(
-                f"LazyFisher indices must be ints, slices or '...', got {type(k).__name__}; "
+                f"indices of {name!r} must be ints, slices or '...', got {type(k).__name__}; "
                 "call .load() first for advanced indexing"
             )
     empty = tuple(out_shape) if 0 in out_shape else None

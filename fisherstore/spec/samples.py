@@ -2,7 +2,9 @@
 
 A store keeps each sample's **signed** gradient ``g_i`` of its token-summed loss, with its
 token count ``T_i`` (docs/format.md, "Per-sample gradients"). Everything else is derived
-when it is read, here and nowhere else:
+when it is read, by these functions (the out-of-core heat map alone fuses the same maths
+into its tiled matmul, ``fisherstore.qkov.outofcore.weighted_gram``, taking ``T`` from
+:func:`token_divisors`):
 
 * ``C_i = g_i² / T_i``, the per-sample contribution (:func:`contributions`);
 * ``g_i / T_i``, the gradient of the token-mean loss (:func:`signed`);
@@ -28,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["TORCH_DTYPES", "dtype_name", "to_torch", "to_carrier", "contributions", "signed", "contribution_mean"]
+__all__ = ["TORCH_DTYPES", "dtype_name", "to_torch", "to_carrier", "token_divisors", "contributions", "signed",
+           "contribution_mean"]
 
 #: The element types of per-sample arrays, by their Zarr v3 names.
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -54,9 +57,14 @@ def to_carrier(x: torch.Tensor) -> np.ndarray:
     return x.numpy()
 
 
+def token_divisors(tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``max(T_i, 1)``: what each sample's gradient is divided by (a sample with no target token by 1)."""
+    return tokens.clamp_min(1).to(dtype)
+
+
 def _per_sample(tokens: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:
-    """``max(T_i, 1)`` shaped to divide a ``[n, ...]`` tensor of ``ndim`` axes sample by sample."""
-    return tokens.clamp_min(1).to(dtype).view(-1, *[1] * (ndim - 1))
+    """:func:`token_divisors` shaped to divide a ``[n, ...]`` tensor of ``ndim`` axes sample by sample."""
+    return token_divisors(tokens, dtype).view(-1, *[1] * (ndim - 1))
 
 
 def _as(g: torch.Tensor, dtype: torch.dtype, reuse: bool) -> tuple[torch.Tensor, bool]:
@@ -89,6 +97,6 @@ def contribution_mean(g: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
     One matmul of the per-sample weights with the squares, so ``g`` is read once.
     """
-    scale = 1.0 / (tokens.clamp_min(1).to(torch.float64) * g.shape[0])
+    scale = 1.0 / (token_divisors(tokens, torch.float64) * g.shape[0])
     # square() and not square_(): an fp32 ``g`` is the caller's tensor, which .float() does not copy
     return (scale.to(torch.float32) @ g.reshape(g.shape[0], -1).float().square()).reshape(g.shape[1:])

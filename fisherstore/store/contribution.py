@@ -68,5 +68,5 @@ class ContributionSource:
                    workers: int = 4, *, bias_corrected: bool = True) -> Iterator[tuple[str, int, str, torch.Tensor]]:
         for name in names or []:
             info = self._info(task, name)
-            for h, b in info.layout.head_blocks(block):
+            for h, b in info.layout.head_blocks(block or None):
                 yield name, h, b, self.read(task, name, bounded(info.layout.head_index(h, b, len(info.shape)), info.shape))

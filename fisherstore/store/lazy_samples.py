@@ -21,7 +21,7 @@ import torch
 
 from ..backends import ArrayBackend
 from ..engine.catalog import ParamState, TaskState
-from ..errors import CorruptChunkError, FisherStoreError, InvalidArgumentError
+from ..errors import CorruptChunkError, FisherStoreError, InvalidArgumentError, SliceError
 from ..spec.format import sample_key
 from ..spec.indexing import plan_index
 from ..spec.layout import ParamLayout
@@ -86,8 +86,9 @@ class LazySamples:
         n = len(self)
         idx = range(n)[samples] if isinstance(samples, slice) else (range(n) if samples is None else samples)
         idx = [int(i) for i in idx]
-        if any(not 0 <= i < n for i in idx):
-            raise InvalidArgumentError(f"sample index out of range for {n} samples of {self.name!r}")
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:  # an IndexError, as S[n] is: iterating and np.asarray stop there
+            raise SliceError(f"sample index {bad[0]} is out of range for the {n} samples of {self.name!r}")
         span = tuple(slice(s.start, s.stop) for s in region)
         steps = tuple(slice(None, None, s.step) for s in region)
         parts: list[torch.Tensor] = []

@@ -101,7 +101,7 @@ def _log_norm(LogNorm: Any, values: np.ndarray) -> Any:
 def heatmap_png(heat: Mapping[str, Any], path: str, title: str = "QK-OV interference") -> str:
     """Draw a QK-OV heat map, one [layers x heads] panel per block, into one PNG; returns ``path``.
 
-    ``heat`` is what :meth:`QKOVInterference.heatmap` returns (``{"Q": [L, H], ...,
+    ``heat`` is what :meth:`~fisherstore.qkov.QKOVInterference.heatmap` returns (``{"Q": [L, H], ...,
     "layers": [...]}``); needs matplotlib (``pip install 'fisherstore[plot]'``).
     Usage: ``fisherstore.heatmap_png(qk.heatmap(C, g, F), "qkov.png")``.
     """
