@@ -42,6 +42,11 @@ __all__ = [
     "BatchesChangedError",
     "StoredDecayWarning",
     "FisherCallbackWarning",
+    "SnapshotLostError",
+    "RankFailedError",
+    "TaskMismatchError",
+    "NoEmaStepError",
+    "AmpOverflowWarning",
 ]
 
 
@@ -158,6 +163,36 @@ class StoredDecayWarning(UserWarning):
 
 class FisherCallbackWarning(UserWarning):
     """The Trainer's loss weights micro-batches unequally, so ``x`` is not exactly the token-summed square."""
+
+
+class SnapshotLostError(FisherStoreError, RuntimeError):
+    """A read pinned to one commit found that commit's data deleted (its pin lease expired).
+
+    Multi-read operations (views, sweeps, heat maps, ``verify``) read one commit: they pin
+    it, and writers keep what a live pin names. This error means the pin lapsed (a reader
+    paused longer than the lease, or a writer ignored pins); rebuild the view to read the
+    newest commit.
+    """
+
+
+class RankFailedError(FisherStoreError, RuntimeError):
+    """Another rank of a :class:`~fisherstore.RankGroup` failed or died; ``rank`` names it (None: unknown)."""
+
+    def __init__(self, msg: str, rank: int | None = None) -> None:
+        super().__init__(msg)
+        self.rank = rank
+
+
+class TaskMismatchError(LayoutError):
+    """Two tasks compared or scored together do not share one geometry (shapes, heads, head_dim, blocks)."""
+
+
+class NoEmaStepError(InvalidArgumentError):
+    """A request needs a task's EMA Fisher, but the task holds no EMA step (only per-sample data)."""
+
+
+class AmpOverflowWarning(UserWarning):
+    """A mixed-precision step overflowed (inf/NaN scaled gradients); it was skipped, as the optimizer skips it."""
 
 
 class ChunkError(OSError):

@@ -28,7 +28,8 @@ from tests import crashwriter as cw
 
 DISK_BACKENDS = ["zarr", "tensorstore"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROLLED_BACK_KINDS = {"uncommitted_generation", "uncommitted_param", "uncommitted_task", "temp_file"}
+ROLLED_BACK_KINDS = {"uncommitted_generation", "superseded_generation", "uncommitted_param", "uncommitted_task",
+                     "temp_file"}
 
 
 @pytest.fixture(scope="module")

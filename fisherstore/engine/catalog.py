@@ -193,6 +193,7 @@ class TaskState:
             "task": self.name,
             "step": self.step,
             "committed_step": self.committed_step,
+            "commit": self.commit,
             "tokens_seen": self.tokens_seen,
             "estimator": self.info.get("estimator"),
             "model": self.info.get("model"),

@@ -11,7 +11,7 @@ A flush runs in this order, the collectives in between (docs/architecture.md)::
     manifest  the leader replaces the task manifest atomically: this is the commit
     agree     every rank learns whether the manifest landed
     apply     RAM state takes the plan (the one place a commit changes it)
-    delete    the generations the commit superseded
+    delete    the generations the commit superseded, except what a reader's pin holds (.pins)
 
 A crash anywhere leaves the previous manifest and the generations it names intact; what
 else it leaves is :mod:`.recovery`'s. Atomicity is per task: each task's manifest is its
@@ -47,6 +47,7 @@ from ..spec.manifest import ParamEntry, TaskManifest
 from .catalog import Catalog, TaskState
 from .dist import RankGroup
 from .generations import WritePath
+from .pins import pinned_keys
 
 __all__ = ["TaskCommit", "plan_commit", "apply_commit", "Committer", "mark_committed", "storage_error"]
 
@@ -119,6 +120,7 @@ class Committer:
         self.write = write
         self.group = group
         self.progress = progress
+        self.deferred: list[str] = []  # superseded generations not yet deleted (a reader's pin may hold them)
 
     def flush(self, catalog: Catalog, doc: StoreDoc) -> None:
         """Fold, sync and commit every task with news (on any rank of the group); list new tasks in ``doc``."""
@@ -147,6 +149,7 @@ class Committer:
         for t in dirty:
             self._commit(t, folded[t.name])
         self._list_new_tasks(catalog, doc)
+        self.delete_unpinned()
 
     def _upgrade(self, catalog: Catalog, doc: StoreDoc) -> None:
         """Raise the store's format version before the first manifest with per-sample segments lands.
@@ -203,9 +206,7 @@ class Committer:
         new_segments = list(t.new_samples)
         with self.write.lock:
             apply_commit(t, plan)
-        for key in plan.superseded:
-            with contextlib.suppress(OSError):  # a leftover generation is harmless: the next writer removes it
-                self.backend.delete(key)
+        self.deferred += plan.superseded  # deleted once every task is committed: one look at the pins per flush
         mark_committed(self.backend, t, [n for n in plan.adopted if t.params[n].owned])
         for seg in new_segments:
             for name in seg.params:
@@ -214,6 +215,22 @@ class Committer:
                     with contextlib.suppress(OSError, FisherStoreError):
                         self.backend.set_attributes(sample_key(p.key, seg.id), sample_attributes(p.name, p.layout))
 
+    def delete_unpinned(self, superseded: Sequence[str] = ()) -> None:
+        """Delete superseded generations that no reader's live pin names; keep the rest for the next flush.
+
+        A reader in another process may be reading the commit these belonged to (a Dask
+        graph, a head sweep: :mod:`.pins`). What a pin holds is retried at every later
+        commit; what is left at close is a leftover the next writer's recovery removes.
+        """
+        todo = [*self.deferred, *superseded]
+        if not todo:
+            return
+        pinned = pinned_keys(getattr(self.backend, "medium", None), clean=True)
+        self.deferred = [k for k in todo if k in pinned]
+        for key in todo:
+            if key not in pinned:
+                with contextlib.suppress(OSError):  # a leftover generation is harmless: the next writer removes it
+                    self.backend.delete(key)
 
     def _list_new_tasks(self, catalog: Catalog, doc: StoreDoc) -> None:
         """List tasks created since the last commit in the root document: the commit point of a new task.

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from ..backends import ArrayBackend
-from ..errors import CorruptChunkError, CorruptStoreError, FisherStoreError, HeadIndexError
+from ..errors import CorruptChunkError, CorruptStoreError, FisherStoreError, HeadIndexError, SnapshotLostError
 from ..progress import progress_bar
 from ..spec.ema import readout_scale
+from ..spec.format import gen_name
 from ..spec.regions import Region, bounded, chunk_coords, chunk_region, region_shape
 from .catalog import Catalog, ParamState
 from .iopool import read_ahead
@@ -109,15 +110,19 @@ class ReadPath:
             since (True if it changed); None for a writable store, which is the writer.
         identity: raises :class:`StoreReplacedError` if the store was replaced since it was
             opened (readers only; checked after every read).
+        pinned: the catalog is one commit that a reader pin holds (a snapshot): never
+            reload, and a generation gone from disk is a :class:`SnapshotLostError`.
     """
 
     def __init__(self, backend: ArrayBackend, catalog: Catalog, lock: threading.RLock,
-                 reload: Callable[[str], bool] | None = None, identity: Callable[[], None] | None = None) -> None:
+                 reload: Callable[[str], bool] | None = None, identity: Callable[[], None] | None = None,
+                 pinned: bool = False) -> None:
         self.backend = backend
         self.catalog = catalog
         self.lock = lock
         self.reload = reload
         self.identity = identity
+        self.pinned = pinned
 
     def region(self, task: str, name: str, region: Region, bias_corrected: bool) -> torch.Tensor:
         """The EMA value of ``region`` at the task's current step, as fp32, whole at one step."""
@@ -134,6 +139,13 @@ class ReadPath:
                     continue
                 if self.identity is not None:
                     self.identity()
+                if self.pinned and snap.src is not None and gen_name(snap.src) not in self.backend.list(snap.param.key):
+                    raise SnapshotLostError(
+                        f"task {task!r}, parameter {name!r}: generation {snap.src} of the commit this view reads "
+                        f"(step {self.catalog.task(task).step}) was deleted by a writer: the view's pin lapsed (a "
+                        "pause longer than FISHERSTORE_PIN_TTL) or the store could not be pinned (read-only "
+                        "storage, or a writer older than pins). Build the view again to read the newest commit."
+                    ) from None
                 raise
             if self.identity is not None:
                 self.identity()

@@ -27,6 +27,7 @@ from ..spec.format import PARAM_ATTR, TASK_ATTR, doc_key, gen_name, is_pending, 
 from .catalog import Catalog
 from .commit import mark_committed
 from .lock import StoreLock
+from .pins import PINS_DIR, pinned_keys
 
 __all__ = ["Leftover", "find_leftovers", "recover", "recover_leftovers"]
 
@@ -35,7 +36,8 @@ __all__ = ["Leftover", "find_leftovers", "recover", "recover_leftovers"]
 class Leftover:
     """Something a crashed writer left that no commit names; readers ignore it."""
 
-    kind: str  # "temp_file", "uncommitted_task", "uncommitted_param", "uncommitted_generation", "uncommitted_samples"
+    kind: str  # "temp_file", "uncommitted_task", "uncommitted_param", "uncommitted_generation", "uncommitted_samples",
+    # "superseded_generation" (older than the live one: nothing lost)
     key: str
     task: str | None = None
     param: str | None = None
@@ -59,8 +61,12 @@ def find_leftovers(backend: ArrayBackend, catalog: Catalog) -> list[Leftover]:
     found = [Leftover("temp_file", k, message=f"temporary file of an interrupted write: {k}")
              for k in backend.temp_files()]
     tasks = {t.key: t for t in catalog}
+    # A superseded generation a reader's live pin names is still being read (.pins): not a leftover.
+    pinned = pinned_keys(getattr(backend, "medium", None))
     for tkey in backend.list(""):
         t = tasks.get(tkey)
+        if tkey == PINS_DIR:
+            continue  # readers' pins (.pins): live leases, never a crash's leftover
         if t is None:
             if _ours(backend, tkey, TASK_ATTR):
                 found.append(Leftover("uncommitted_task", tkey,
@@ -84,7 +90,14 @@ def find_leftovers(backend: ArrayBackend, catalog: Catalog) -> list[Leftover]:
                         f"task {t.name!r}, parameter {p.name!r}: per-sample segment {child} was written after the "
                         "last commit and never committed; readers ignore it and the next writer removes it"))
                 g = parse_gen(child)
-                if g is not None and g != p.gen:
+                if g is not None and p.gen is not None and g < p.gen and f"{p.key}/{child}" not in pinned:
+                    # Older than the live one: a commit replaced it, and it outlived its deletion (a
+                    # reader's pin held it, or the writer stopped between commit and delete). No step is lost.
+                    found.append(Leftover(
+                        "superseded_generation", f"{p.key}/{child}", t.name, p.name,
+                        f"task {t.name!r}, parameter {p.name!r}: generation {child} was superseded by "
+                        f"{gen_name(p.gen)} and not yet deleted; readers ignore it and the next writer removes it"))
+                elif g is not None and g != p.gen and f"{p.key}/{child}" not in pinned:
                     found.append(Leftover(
                         "uncommitted_generation", f"{p.key}/{child}", t.name, p.name,
                         f"task {t.name!r}, parameter {p.name!r}: generation {child} was written after the last "
@@ -103,7 +116,7 @@ def recover(backend: ArrayBackend, catalog: Catalog) -> list[Leftover]:
 
 def recover_leftovers(backend: ArrayBackend, catalog: Catalog, lock: StoreLock | None, quiet: bool = False) -> None:
     """Delete what a crashed writer left, and say so with a :class:`RecoveryWarning` (unless ``quiet``)."""
-    nodes = [lo.key for lo in recover(backend, catalog) if lo.kind != "temp_file"]
+    nodes = [lo.key for lo in recover(backend, catalog) if lo.kind not in ("temp_file", "superseded_generation")]
     if nodes or (lock is not None and lock.previous):
         # A writer died: a commit it made may have landed before it dropped the pending marks.
         for t in catalog:

@@ -29,6 +29,7 @@ from ..spec.manifest import SampleSegment, TaskManifest
 from ..spec.regions import chunk_region, grid_shape, iter_grid
 from .catalog import Catalog, ParamState, TaskState, load_task
 from .lock import LOCK_NAME, holder_alive, read_holder
+from .pins import Pin, pin_commit
 from .read import read_generation
 from .recovery import find_leftovers
 
@@ -77,12 +78,13 @@ MAX_CHUNKS = 1 << 22
 
 
 def verify_store(path: str | os.PathLike[str], backend: str = "zarr", *, progress: bool | None = None) -> VerifyReport:
-    """Check the store at ``path``; never writes. See the module docstring.
+    """Check the store at ``path``; writes nothing but its reader pins. See the module docstring.
 
     ``progress``: a bar of checked chunks (None: on a terminal only).
 
-    Safe while a writer runs: a task whose manifest changed during its check is checked
-    again at its new commit, so a flush in progress is never reported as lost data.
+    Safe while a writer runs: each task is checked at one commit that verify pins, so a
+    writer keeps its generations until the check is done (engine/pins.py), and a flush in
+    progress is never reported as lost data.
     """
     path = location(path)
     local = "://" not in path
@@ -93,12 +95,17 @@ def verify_store(path: str | os.PathLike[str], backend: str = "zarr", *, progres
         rep.problems.append(Finding("unreadable_store", f"no fisherstore store at {path!r} ({what})", path))
         return rep
     be = make_backend(backend, path, read_only=True)
+    pins: list[Pin] = []
     try:
-        catalog = Catalog()
         tasks = StoreDoc.from_doc(be.read_json(DOC), path).tasks
         with progress_bar(_planned_chunks(be, tasks), progress, "verify", unit="chunk") as bar:
             for name, key in tasks.items():
-                catalog.add(_check_task(be, rep, name, key, bar))
+                _check_task(be, rep, name, key, bar, pins)
+        # Leftovers are judged against the commits on disk now, not those checked above: a
+        # generation a writer committed meanwhile is live, not rolled back.
+        catalog = Catalog()
+        for name, key in tasks.items():
+            catalog.add(load_task(be.read_json, name, key))
         rep.rolled_back += [Finding(lo.kind, lo.message, be.url(lo.key), lo.task, lo.param)
                             for lo in find_leftovers(be, catalog)]
     except FisherStoreError as e:
@@ -107,6 +114,8 @@ def verify_store(path: str | os.PathLike[str], backend: str = "zarr", *, progres
         rep.problems.append(Finding("unreadable_store", f"{type(e).__name__}: {e}", getattr(e, "filename", None)
                                     or path))
     finally:
+        for pin in pins:
+            pin.release()
         be.close()
     _lock_note(rep)
     return rep
@@ -123,10 +132,23 @@ def _planned_chunks(be: ArrayBackend, tasks: dict[str, str]) -> int:
     return n
 
 
-def _check_task(be: ArrayBackend, rep: VerifyReport, name: str, key: str, bar: Any = None) -> TaskState:
-    """Check every committed generation of a task; retry while a writer commits it."""
-    for _ in range(RETRIES):
-        t = load_task(be.read_json, name, key)
+def _check_task(be: ArrayBackend, rep: VerifyReport, name: str, key: str, bar: Any, pins: list[Pin]) -> TaskState:
+    """Check every committed generation of a task at one commit, pinned so a live writer keeps it (.pins).
+
+    Where the store cannot hold a pin (read-only storage), a task whose manifest a writer
+    replaced during its check is checked again at the new commit.
+    """
+    def current(_: str) -> int | None:
+        return TaskManifest.commit_of(be.read_json(doc_key(key)))
+
+    for attempt in range(RETRIES):
+        if attempt == 0:
+            states, pin = pin_commit(getattr(be, "medium", None), [name], lambda n: load_task(be.read_json, n, key),
+                                     current)
+            t = states[name]
+            pins += [pin] if pin is not None else []
+        else:
+            t = load_task(be.read_json, name, key)
         found = VerifyReport(rep.path)
         for p in t.params.values():
             if p.gen is not None:  # never flushed: all zeros, nothing on disk to check
@@ -138,7 +160,7 @@ def _check_task(be: ArrayBackend, rep: VerifyReport, name: str, key: str, bar: A
                 done = found.chunks_checked
                 _check_samples(be, found, t, t.params[pname], seg)
                 bar and bar.update(found.chunks_checked - done)
-        if not found.problems or TaskManifest.commit_of(be.read_json(doc_key(key))) == t.commit:
+        if not found.problems or pins or current(name) == t.commit:
             break  # clean, or damaged at a commit that stayed put: the problems are real
     rep.problems += found.problems
     rep.chunks_checked += found.chunks_checked

@@ -34,7 +34,7 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 from ..backends import ArrayBackend
@@ -47,6 +47,7 @@ from ..engine.lock import StoreLock
 from ..engine.memory import MemoryPlan, Residency
 from ..engine.opening import Resources, check_identity, open_root, take_lock
 from ..engine.options import StoreOptions, default_memory_budget
+from ..engine.pins import Pin, pin_commit
 from ..engine.read import ReadPath
 from ..engine.recovery import recover_leftovers
 from ..engine.step.writer import StepWriter
@@ -59,7 +60,7 @@ from .read_verbs import ReadMethods
 from .sample_verbs import SampleMethods
 from .write_verbs import WriteMethods
 
-__all__ = ["FisherStore"]
+__all__ = ["FisherStore", "StoreSnapshot"]
 
 
 class FisherStore(WriteMethods, ReadMethods, SampleMethods):
@@ -179,6 +180,36 @@ class FisherStore(WriteMethods, ReadMethods, SampleMethods):
             self._finalizer.detach()
             self._res.release()
 
+    def snapshot(self, tasks: Sequence[str] | None = None) -> FisherStore:
+        """This store frozen at its newest commit, for reads that must not mix two commits.
+
+        Usage: ``with store.snapshot() as s: df = s.summary("math"); x = s.to_dask("math", q)``.
+
+        Every read of the returned view (``fisher``, ``read``, ``iter_heads``, Dask and
+        xarray views, ``samples``, heat maps) is at the one commit it was taken at, however
+        many commits a writer in another process makes meanwhile: a *pin* inside the store
+        (``.fisherstore.pins/``, docs/format.md) keeps that commit's generations on disk.
+        The pin is a lease: it is renewed in the background and lapses ``FISHERSTORE_PIN_TTL``
+        seconds (default 60) after its process dies. Closing the view, leaving its ``with``
+        block or dropping it releases the pin; the store it came from stays open.
+
+        The views and sweeps of a read-only store take a snapshot themselves. A writable
+        store (the writer itself: nobody else deletes its generations) and a snapshot
+        return themselves. ``tasks``: pin only these (default: every task).
+        """
+        self._check_open()
+        if self.writable or not self._backend.persistent:
+            return self
+        names = self._cat().names() if tasks is None else [self._cat().task(n).name for n in tasks]
+        keys = self._catalog.keys()
+
+        def current(name: str) -> int | None:
+            return TaskManifest.commit_of(self._backend.read_json(doc_key(keys[name])))
+
+        states, pin = pin_commit(getattr(self._backend, "medium", None), names,
+                                 lambda n: self._load_task(n, keys[n]), current)
+        return StoreSnapshot(self, states, pin)
+
     def __enter__(self) -> FisherStore:
         return self
 
@@ -198,6 +229,7 @@ class FisherStore(WriteMethods, ReadMethods, SampleMethods):
                              doc="Bytes of GPU memory for accumulators (None: the device's free memory less a margin).")
     writable = property(lambda self: self.options.writable, doc="Whether the store was opened for writing.")
     closed = property(lambda self: self._res.closed, doc="Whether close() has run.")
+    frozen = property(lambda self: False, doc="Whether this is a snapshot, frozen at one commit (store.snapshot()).")
 
     @property
     def group(self) -> RankGroup:
@@ -281,3 +313,50 @@ class FisherStore(WriteMethods, ReadMethods, SampleMethods):
     def io_counters(self) -> dict[str, int]:
         """I/O done so far, e.g. ``{"chunk_files_read": 12}`` on disk backends."""
         return self._backend.io_counters()
+
+
+class StoreSnapshot(FisherStore):
+    """A read-only :class:`FisherStore` frozen at one commit and pinned there; get one from ``store.snapshot()``.
+
+    It shares the store's backend, pool and options; only its catalogue (one commit per
+    task) and its read path (which never reloads) are its own. ``close()`` releases the
+    pin, never the store.
+    """
+
+    def __init__(self, parent: FisherStore, states: dict[str, TaskState], pin: Pin | None, owns: bool = True) -> None:
+        self.__dict__.update(parent.__dict__)  # the same backend, pool, resources and options
+        self._parent = parent  # keeps the store (and its backend, or the owning snapshot's pin) alive
+        self._pin = pin
+        self._owns = owns
+        self._catalog = Catalog()
+        for t in states.values():
+            self._catalog.add(t)
+        self._state_lock = threading.RLock()
+        self._read = ReadPath(self._backend, self._catalog, self._state_lock, None, self._read.identity, pinned=True)
+
+    def snapshot(self, tasks: Sequence[str] | None = None) -> FisherStore:
+        """The same commit, under the same pin; closing it releases nothing (``tasks`` must be among its tasks).
+
+        So a function may always write ``with store.snapshot() as s:`` whether it was handed
+        a store or a snapshot.
+        """
+        for n in tasks or ():
+            self._cat().task(n)
+        return StoreSnapshot(self, {t.name: t for t in self._catalog}, self._pin, owns=False)
+
+    frozen = property(lambda self: True, doc="Whether this is a snapshot, frozen at one commit: it is.")
+
+    @property
+    def commits(self) -> dict[str, int]:
+        """The commit each task is read at (task -> the manifest's commit number)."""
+        return {t.name: t.commit for t in self._catalog}
+
+    def close(self) -> None:
+        """Release the pin if this snapshot took it (idempotent); the store it came from stays open."""
+        if self._pin is not None and self._owns:
+            self._pin.release()
+
+    def __repr__(self) -> str:
+        at = ", ".join(f"{t.name}@step {t.step}" for t in self._catalog)
+        pinned = "pinned" if self._pin is not None and self._pin.alive else "unpinned"
+        return f"<FisherStore snapshot {self.backend_name} {self.path or ''} {pinned} [{at}]>"

@@ -49,6 +49,9 @@ class ReadMethods(StoreBase):
         never waits on the caller.
         """
         self._check_open()
+        snap = self if self.frozen else self.snapshot([task])  # a reader's sweep reads one commit
+        if snap is not self:
+            return _closing(snap, snap.iter_heads(task, names, block, workers, bias_corrected=bias_corrected))
         return self._read.iter_heads(task, names, block, workers, bias_corrected, self.options.progress)
 
     def to_dask(self, task: str, name: str, *, bias_corrected: bool = True) -> Any:
@@ -82,3 +85,11 @@ class ReadMethods(StoreBase):
 
         self._cat().task(task)
         return summary(self, task, names, bias_corrected=bias_corrected, progress=progress)
+
+
+def _closing(snap: Any, heads: Iterator[Any]) -> Iterator[Any]:
+    """Yield from ``heads``, then release ``snap``'s pin (also when the caller stops early)."""
+    try:
+        yield from heads
+    finally:
+        snap.close()

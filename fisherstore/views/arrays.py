@@ -2,7 +2,10 @@
 
 Every view reads through the store (:meth:`FisherStore.read`), so it shows what
 ``store.fisher(task, name)`` shows: the bias-corrected EMA at the task's current step,
-including steps not yet flushed, with every chunk's checksum checked. A Dask chunk is
+including steps not yet flushed, with every chunk's checksum checked. A view of a
+read-only store is built on a pinned :meth:`~fisherstore.store.FisherStore.snapshot`:
+it computes at the commit it was built at (``attrs["commit"]``, ``attrs["step"]``), however
+many commits a writer makes before ``compute()``. A Dask chunk is
 one store chunk, so a head block is one task and one chunk-file read.
 
 Usage::
@@ -39,6 +42,8 @@ def to_dask(store: Any, task: str, name: str, *, bias_corrected: bool = True) ->
     Usage: ``store.to_dask("math", q_name).sum(axis=1).compute()``.
     """
     da = require("dask.array", "to_dask()")
+    # The graph computes at one commit however late it runs: it holds a pinned snapshot (FisherStore.snapshot).
+    store = store.snapshot([task])
     arr = LazyArray(store.fisher(task, name, bias_corrected=bias_corrected))
     # meta: the chunks are numpy; without it Dask would slice the view once to find out.
     return da.from_array(arr, chunks=arr.chunks, asarray=True, lock=False,
@@ -72,6 +77,7 @@ def to_xarray(store: Any, task: str, names: Sequence[str] | None = None, *, bias
     holds the real one. Usage: ``store.to_xarray("math")[q_name]["fisher"]``.
     """
     xr = require("xarray", "to_xarray()")
+    store = store.snapshot([task])  # every variable and the attrs at one commit
     names = list(store.params(task) if names is None else names)
     layers = layer_keys(names)
     meta = store.metadata(task)
@@ -93,6 +99,6 @@ def to_xarray(store: Any, task: str, names: Sequence[str] | None = None, *, bias
                  "layout": json.dumps(lay.to_dict() if lay is not None else None)}
         children[encode_name(name, "parameter name")] = xr.Dataset({"fisher": var}, attrs=attrs)
     tree = xr.DataTree.from_dict(children, name=task)
-    tree.attrs.update({"task": task, "step": meta["step"], "tokens_seen": meta["tokens_seen"],
+    tree.attrs.update({"task": task, "step": meta["step"], "commit": meta["commit"], "tokens_seen": meta["tokens_seen"],
                        "estimator": meta.get("estimator") or "", "bias_corrected": int(bias_corrected)})
     return tree

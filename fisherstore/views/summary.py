@@ -44,6 +44,12 @@ def summary(store: Any, task: str, names: Sequence[str] | None = None, *, bias_c
     shows a bar on a terminal, False never, True always.
     """
     pd = require("pandas", "summary()")
+    with store.snapshot([task]) as snap:  # every row at one commit, however long the sweep
+        return _summary(pd, snap, task, names, bias_corrected, workers, progress)
+
+
+def _summary(pd: Any, store: Any, task: str, names: Sequence[str] | None, bias_corrected: bool, workers: int,
+             progress: bool | None) -> Any:
     names = list(store.params(task) if names is None else names)
     layers = layer_keys(names)
     headed = [n for n in names if _has_heads(store.layout(task, n), len(store.param(task, n).shape))]
