@@ -3,8 +3,13 @@
     fisherstore demo [--out DIR]                       collect two tasks on a tiny LLaMA-style model, score QK-OV
     fisherstore info PATH [--json]                     tasks, parameters, steps, bytes on disk
     fisherstore verify PATH [--json]                   check every committed chunk; name what a crash rolled back
-    fisherstore plot PATH --task T [--compare T2] --out fig.png   per-block [layer x head] Fisher mass heat map
+    fisherstore plot PATH --task T [--compare T2] --out fig.png|DIR   per-block [layer x head] Fisher mass heat map
     fisherstore qkov PATH --task-a A --task-b B [--json]   QK-OV interference straight from the store
+
+Edges answer as the table says: an ``--out``/``--png`` naming an existing directory writes
+into it (``DIR/T.png``, ``DIR/qkov-A-vs-B.png``), as ``cp FILE DIR`` does; a selection of
+nothing (``--blocks ""``), a task with no EMA step where the EMA is needed, or a task B of
+another geometry is usage (2); an ``s3://`` URL with no store or no bucket is no store (3).
     fisherstore unlock PATH --force                    remove a stale writer lock whose process is gone
 
 Exit codes follow one table, :data:`~fisherstore.cli.exits.EXIT_CODES` (printed by

@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from ..errors import InvalidArgumentError
 from ..spec.layers import layer_keys
+from .outofcore import require_ema_step
 
 __all__ = ["compare_fishers", "spearman"]
 
@@ -41,7 +43,22 @@ def compare_fishers(store: Any, task: str, names: Sequence[str] | None = None) -
     Each row: ``param``, ``layer`` (as the parameter name's layer key), ``head``, ``block``,
     ``spearman`` (rank correlation of the two blocks' elements), ``mass_ema``,
     ``mass_contribution`` and ``mass_ratio`` (contribution / EMA). Reads block by block.
+
+    Refused: a task with no EMA step (:class:`~fisherstore.errors.NoEmaStepError`: its EMA
+    is zeros, every ratio infinite and every correlation NaN) and a task with no
+    per-sample gradients (no contribution Fisher to compare).
     """
+    with store.snapshot([task]) as snap:  # every block at one commit
+        return _compare(snap, task, names)
+
+
+def _compare(store: Any, task: str, names: Sequence[str] | None) -> list[dict[str, Any]]:
+    require_ema_step(store, task, "be compared with its contribution Fisher",
+                     "collect its EMA first with FisherCollector.collect_fisher, or use its contribution Fisher "
+                     "alone (store.contribution_fisher(task, name); heat maps: fisher=\"contribution\")")
+    if not store.sample_ids(task):
+        raise InvalidArgumentError(f"task {task!r} has no per-sample gradients, so it has no contribution Fisher to "
+                                   "compare its EMA with; collect them first (FisherCollector.collect_samples)")
     names = list(names) if names is not None else [
         n for n in store.params(task) if (store.layout(task, n) or None) is not None and store.layout(task, n).has_heads
         and not n.endswith("bias")]

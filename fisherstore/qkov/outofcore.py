@@ -7,6 +7,9 @@ B's ``|g_j|/T_j`` over it, and a Fisher block (the EMA one, or the contribution 
 
 * :func:`plan_blocks`: the distinct blocks to read; a GQA key / value block is read once
   for all the query heads that share it;
+* :func:`require_ema_step` and :func:`check_same_geometry`: the refusals before any read;
+  an EMA with no step is all zeros (scores ~1/λ too large, yet finite), and a task B
+  with other shapes or heads under the same names would be read through task A's blocks;
 * :func:`block_inputs`: the blocks' inputs, read ahead on a few threads with as many
   blocks in flight as the memory budget allows, so the disk never waits for the matmul
   and the matmul never waits for the disk;
@@ -30,11 +33,12 @@ from typing import Any
 import torch
 
 from ..engine.iopool import read_ahead
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, NoEmaStepError, TaskMismatchError
 from ..spec.regions import Region, bounded, region_shape
 from ..spec.samples import contribution_mean
 
-__all__ = ["FISHERS", "BlockJob", "plan_blocks", "block_inputs", "weighted_gram", "top_conflicts", "TILE"]
+__all__ = ["FISHERS", "BlockJob", "plan_blocks", "block_inputs", "weighted_gram", "top_conflicts", "TILE",
+           "require_ema_step", "check_same_geometry", "GEOMETRY_FIELDS", "USE_CONTRIBUTION"]
 
 FISHERS = ("ema", "contribution")
 
@@ -67,6 +71,72 @@ def plan_blocks(indexer: Any, layers: Sequence[Any], heads: Sequence[int], block
     return jobs
 
 
+#: What of a parameter the scoring reads through task A's block regions, in the order a mismatch is named:
+#: its shape, then its layout's fields (``blocks`` follows from ``kind`` and ``fused``).
+GEOMETRY_FIELDS = ("shape", "layout", "kind", "num_heads", "num_kv_heads", "head_dim", "head_axis", "fused",
+                   "transposed", "blocks")
+
+
+#: What to do instead of reading an EMA with no step, in the library's words.
+USE_CONTRIBUTION = ('use fisher="contribution" (the mean of its per-sample contributions), or collect its EMA '
+                    "first with FisherCollector.collect_fisher")
+
+
+def require_ema_step(store: Any, task: str, use: str = "normalise scores", instead: str = USE_CONTRIBUTION) -> None:
+    """Refuse to read the EMA Fisher of a task that holds no EMA step (:class:`NoEmaStepError`).
+
+    A task filled only by ``collect_samples`` has an EMA of zeros: a denominator of
+    ``ε + λ`` makes every score ~1/λ too large, yet finite, so nothing downstream notices.
+    ``use`` says what the caller would have done with it, ``instead`` what to do.
+    Usage: ``require_ema_step(store, "math")``.
+    """
+    if store.step(task) == 0:
+        raise NoEmaStepError(
+            f"task {task!r} holds no EMA step (step 0: only per-sample gradients from collect_samples), so its EMA "
+            f"Fisher is all zeros and cannot {use}; {instead}"
+        )
+
+
+def _geometry(store: Any, task: str, name: str) -> dict[str, Any]:
+    info = store.param(task, name)
+    lay = info.layout
+    out: dict[str, Any] = {"shape": tuple(info.shape), "layout": "none" if lay is None else "recorded"}
+    if lay is not None:
+        out.update({f: getattr(lay, f) for f in GEOMETRY_FIELDS[2:-1]})
+        out["blocks"] = tuple(lay.blocks) if lay.has_heads else ()
+    return out
+
+
+def check_same_geometry(store: Any, task_a: str, task_b: str, names: Sequence[str], role: str = "task B",
+                        role_a: str = "task A") -> None:
+    """Refuse a ``task_b`` whose parameters ``names`` differ from ``task_a``'s (:class:`TaskMismatchError`).
+
+    Task B (or the task whose Fisher normalises) is read through task A's block regions:
+    a model with other shapes, or other head counts under the same parameter names,
+    would be read with no error and scored as garbage. The error names the first
+    difference: the parameter, the field (:data:`GEOMETRY_FIELDS`), and both values.
+    Usage: ``check_same_geometry(store, "math", "code", ["model.layers.0.self_attn.q_proj.weight"])``.
+    """
+    if task_b == task_a:
+        return
+    have = set(store.params(task_b))
+    for name in names:
+        if name not in have:
+            raise TaskMismatchError(
+                f"{role} {task_b!r} has no parameter {name!r}, which {role_a} {task_a!r} has; use tasks collected "
+                "from one model (the same parameter names, shapes and heads)"
+            )
+        ga, gb = _geometry(store, task_a, name), _geometry(store, task_b, name)
+        for field in GEOMETRY_FIELDS:
+            if ga.get(field) != gb.get(field):
+                raise TaskMismatchError(
+                    f"{role} {task_b!r} does not match {role_a} {task_a!r} at parameter {name!r}: its {field} is "
+                    f"{gb.get(field)!r} in {task_b!r} and {ga.get(field)!r} in {task_a!r}. {role[0].upper()}"
+                    f"{role[1:]} is read through {role_a}'s head blocks, so use tasks collected from one model "
+                    "(the same parameter names, shapes and heads)"
+                )
+
+
 def block_inputs(store: Any, jobs: Sequence[BlockJob], task_a: str, task_b: str, fisher: str,
                  fisher_task: str | None, memory_budget: int, workers: int = 4
                  ) -> Iterator[tuple[BlockJob, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -77,15 +147,34 @@ def block_inputs(store: Any, jobs: Sequence[BlockJob], task_a: str, task_b: str,
     each byte crosses memory once (:func:`weighted_gram`). The Fisher block is fp32: the
     EMA of ``fisher_task`` (default task A) or its contribution Fisher. Blocks in flight
     are bounded by ``memory_budget``.
+
+    Refused before any read (this call raises; the iterator it returns only reads):
+    a task without per-sample gradients, ``fisher="ema"`` on a task with no EMA step
+    (:class:`NoEmaStepError`), and a task B or Fisher task whose parameters differ from
+    task A's (:class:`TaskMismatchError`).
     """
     if fisher not in FISHERS:
         raise InvalidArgumentError(f"fisher must be one of {FISHERS}, got {fisher!r}")
     fisher_task = fisher_task or task_a
+    # Every block at one commit of each task, however long the sweep: a pinned snapshot
+    # (FisherStore.snapshot), released when the reading generator is done with it.
+    store = store.snapshot(list(dict.fromkeys([task_a, task_b, fisher_task])))
+    samples_needed = [task_a, task_b] + ([fisher_task] if fisher == "contribution" else [])
+    for task in samples_needed:
+        if not store.sample_ids(task):
+            raise InvalidArgumentError(f"task {task!r} has no per-sample gradients; collect them first "
+                                       "(FisherCollector.collect_samples)")
+    if fisher == "ema":
+        require_ema_step(store, fisher_task, "normalise the scores (the denominator would be ε + λ)")
+    names = list(dict.fromkeys(job.name for job in jobs))
+    check_same_geometry(store, task_a, task_b, names)
+    check_same_geometry(store, task_a, fisher_task, names, role="Fisher task")
+    return _read_blocks(store, jobs, task_a, task_b, fisher, fisher_task, memory_budget, workers)
+
+
+def _read_blocks(store: Any, jobs: Sequence[BlockJob], task_a: str, task_b: str, fisher: str, fisher_task: str,
+                 memory_budget: int, workers: int) -> Iterator[tuple[BlockJob, torch.Tensor, torch.Tensor, torch.Tensor]]:
     n_a, n_b = len(store.sample_ids(task_a)), len(store.sample_ids(task_b))
-    if not n_a or not n_b:
-        empty = task_a if not n_a else task_b
-        raise InvalidArgumentError(f"task {empty!r} has no per-sample gradients; collect them first "
-                                   "(FisherCollector.collect_samples)")
 
     def read(job: BlockJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         region = bounded(job.region, store.param(task_a, job.name).shape)

@@ -26,13 +26,13 @@ from typing import Any
 import cachetools
 import torch
 
-from ..errors import UnknownParamError, close_matches
+from ..errors import InvalidArgumentError, LayoutError, UnknownParamError, close_matches
 from ..progress import progress_bar
 from ..spec.layout import BLOCKS
 from ..spec.samples import token_divisors
 from ..store.lazy import LazyFisher
 from .indexer import BlockHeadSlice, QKOVIndexer
-from .outofcore import block_inputs, plan_blocks, top_conflicts, weighted_gram
+from .outofcore import BlockJob, block_inputs, plan_blocks, top_conflicts, weighted_gram
 
 __all__ = ["QKOVInterference"]
 
@@ -149,9 +149,7 @@ class QKOVInterference:
         returns ``"layers"``, ``"heads"`` and ``"scores"`` ({block: [n_a, n_b, L, H]}).
         ``progress``: a bar of scored head blocks (None: on a terminal only).
         """
-        layers = list(self.indexer.layers if layers is None else layers)
-        heads = list(range(self.indexer.num_heads) if heads is None else heads)
-        blocks = list(blocks)
+        layers, heads, blocks = self.selection(layers, heads, blocks)
         with progress_bar(len(blocks) * len(layers) * len(heads), progress, "QK-OV scores", unit="block") as bar:
             scores = self._score(contribs, grads, fisher, layers, heads, blocks, bar)
         first = next(iter(scores.values()))
@@ -173,11 +171,16 @@ class QKOVInterference:
         per block, the [L, H] means, ``top_conflicts`` (``top_k`` per block) with the stores'
         sample ids. The parts are :mod:`fisherstore.qkov.outofcore`'s.
 
+        Refused before any chunk is read: ``fisher="ema"`` on a task with no EMA step
+        (:class:`~fisherstore.errors.NoEmaStepError`: its EMA is zeros), a task B (or
+        ``fisher_task``) whose shapes or heads differ from task A's
+        (:class:`~fisherstore.errors.TaskMismatchError`), an indexer whose layouts are not
+        task A's (:class:`~fisherstore.errors.LayoutError`), and a selection of no layers,
+        heads or blocks (:class:`~fisherstore.errors.InvalidArgumentError`).
+
         Usage: ``qk.heatmap_from_store(store, "math", "code", fisher="contribution", device="cuda")``.
         """
-        layers = list(self.indexer.layers if layers is None else layers)
-        heads = list(range(self.indexer.num_heads) if heads is None else heads)
-        blocks = [b.upper() for b in blocks]
+        layers, heads, blocks = self.selection(layers, heads, blocks)
         budget = memory_budget if memory_budget is not None else store.memory_budget or (1 << 30)
         device = torch.device(device) if device is not None else torch.device("cpu")
         ids_a, ids_b = store.sample_ids(task_a), store.sample_ids(task_b)
@@ -186,14 +189,50 @@ class QKOVInterference:
         per_pair = 1.0 / (t_a[:, None] * t_b[None, :])
         scores = {b: torch.zeros(len(ids_a), len(ids_b), len(layers), len(heads), dtype=torch.float64) for b in blocks}
         jobs = plan_blocks(self.indexer, layers, heads, blocks)
+        self._check_indexer(store, task_a, jobs)
+        inputs = block_inputs(store, jobs, task_a, task_b, fisher, fisher_task, budget)  # refuses before reading
         with progress_bar(len(jobs), progress, "QK-OV blocks", unit="block") as bar:
-            for job, g_a, g_b, F in block_inputs(store, jobs, task_a, task_b, fisher, fisher_task, budget):
+            for job, g_a, g_b, F in inputs:
                 den, _ = self.denominator(F)
                 s = weighted_gram(g_a, g_b, den.reciprocal_(), device).to("cpu", torch.float64) * per_pair
                 for hi in job.head_pos:  # a K/V block scores every query head of its group alike
                     scores[job.block][:, :, job.layer_pos, hi] = s
                 bar.update(1)
         return _result(scores, layers, heads, ids_a, ids_b, top_k)
+
+    def selection(self, layers: Iterable[int | str] | None = None, heads: Iterable[int] | None = None,
+                  blocks: Iterable[str] = BLOCKS) -> tuple[list[int | str], list[int], list[str]]:
+        """The layers, heads and blocks a heat map scores (None: all); a selection of none is refused.
+
+        An empty ``blocks`` (``""``), ``layers`` or ``heads`` would score nothing and return
+        an empty map as if it were a result. Blocks are upper-cased, each kept once.
+        Usage: ``layers, heads, blocks = qk.selection(heads=[0, 1], blocks="qk")``.
+        """
+        layers = list(self.indexer.layers if layers is None else layers)
+        heads = list(range(self.indexer.num_heads) if heads is None else heads)
+        blocks = list(dict.fromkeys(b.upper() if isinstance(b, str) else b for b in blocks))
+        for what, chosen, valid in (("layers", layers, ", ".join(repr(k) for k in self.indexer.layers)),
+                                    ("heads", heads, f"0 to {self.indexer.num_heads - 1}"),
+                                    ("blocks", blocks, ", ".join(BLOCKS))):
+            if not chosen:
+                raise InvalidArgumentError(f"the selection of {what} is empty, so there is nothing to score; choose "
+                                           f"one or more of {valid} (or None for all)")
+        return layers, heads, blocks
+
+    def _check_indexer(self, store: Any, task: str, jobs: Sequence[BlockJob]) -> None:
+        """Refuse an indexer whose layouts are not the ones ``task`` records (a model other than the task's)."""
+        held: dict[str, tuple[Any, tuple[int, ...]]] = {}
+        for job in jobs:  # every job: a region past the end would be clipped in silence (outofcore's ``bounded``)
+            if job.name not in held:
+                held[job.name] = (store.layout(task, job.name), tuple(store.param(task, job.name).shape))
+            (stored, shape), mine = held[job.name], self.indexer.layouts[job.name]
+            outside = any(s.stop is not None and s.stop > n for s, n in zip(job.region, shape))
+            if (stored is not None and stored != mine) or outside:
+                raise LayoutError(
+                    f"the indexer's layout of {job.name!r} is {mine!r}, but task {task!r} holds it with shape "
+                    f"{shape} and layout {stored!r}: the indexer comes from another model. Index the task's "
+                    f"own layouts (QKOVIndexer.from_store(store, {task!r})) or the model it was collected from"
+                )
 
     def _score(self, contribs: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
                fisher: Mapping[str, Tensorish], layers: list[int | str], heads: list[int], blocks: list[str],
