@@ -22,6 +22,16 @@ token-summed gradient over T, the collector's *batch* estimator (recorded as
 micro-batches have equal token counts; otherwise the callback warns once
 (:class:`FisherCallbackWarning`) and uses ``g·T``.
 
+Mixed precision. Under ``fp16=True`` the Trainer's Accelerate scaler (a
+``torch.amp.GradScaler``, on the optimizer as ``optimizer.scaler``) multiplies the loss by
+its scale ``S`` before backward, and unscales only later, to clip. The hooks read the
+gradients while they are still ``S · g``, so the callback divides them by ``S`` (the
+scale of this step's backward). An overflow step (inf or NaN in the scaled gradients,
+which the scaler skips) is skipped too: decided at ``on_pre_optimizer_step`` by the
+scaler's own inf check, counted in :attr:`FisherCallback.overflow_steps` and in the task's
+metadata (``"amp_skipped_steps"``), and warned once (:class:`AmpOverflowWarning`). bf16
+has no scaler: gradients are read as they are.
+
 One process: in a multi-process job the gradients at the hooks are each rank's own
 before the all-reduce; the callback refuses to start there (use
 :func:`fisherstore.integrations.collect_from_grads` on rank 0 after the all-reduce).
@@ -46,12 +56,12 @@ from transformers import TrainerCallback
 
 from ..collect.collector import FisherCollector
 from ..collect.group_view import GroupSums
-from ..errors import FisherCallbackWarning, InvalidArgumentError
+from ..errors import AmpOverflowWarning, FisherCallbackWarning, InvalidArgumentError, NonFiniteGradientError
 from ..losses import causal_lm
 from ..store import FisherStore
-from . import mark_training_task, square_of
+from . import active_scaler, amp_state, mark_training_task, scaled_square, skip_overflow, square_of
 
-__all__ = ["FisherCallback", "FisherCallbackWarning"]
+__all__ = ["FisherCallback", "FisherCallbackWarning", "AmpOverflowWarning"]
 
 
 class FisherCallback(TrainerCallback):
@@ -66,6 +76,10 @@ class FisherCallback(TrainerCallback):
         params: which parameters (as :class:`~fisherstore.FisherCollector`'s ``params``);
             only those the Trainer trains (``requires_grad``) have gradients.
         loss_fn: how ``T`` is counted from a batch (:mod:`fisherstore.losses`).
+
+    Attributes:
+        overflow_steps: the steps it collects that overflowed under fp16 and were skipped,
+            in this run (the task's metadata ``"amp_skipped_steps"`` keeps the total over runs).
     """
 
     def __init__(self, store_or_path: Any, every: int = 1, task: str = "train", params: Any = None, *,
@@ -92,6 +106,10 @@ class FisherCallback(TrainerCallback):
         self._T = 0
         self._warned = False
         self._model_ref: Any = None
+        self._scaler: Any = None  # the Trainer's GradScaler under fp16, else None
+        self._nonfinite: NonFiniteGradientError | None = None  # held until the scaler says whether it overflowed
+        self._amp_warned: set[Any] = set()
+        self.overflow_steps = 0
 
     # -- Trainer events -----------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -108,15 +126,30 @@ class FisherCallback(TrainerCallback):
         self._handles += [named[n].register_post_accumulate_grad_hook(self._grad_hook(n))
                           for n in order if named[n].requires_grad]
 
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         self._abandon()  # a step left open when training raised between backward and the optimizer step
-        self._window, self._items = [], None
+        self._window, self._items, self._nonfinite = [], None, None
         self._collect = (state.global_step + 1) % self.every == 0
+        # Accelerate hands its GradScaler to the optimizer it wraps (prepared after on_train_begin, so read here)
+        self._scaler = active_scaler(getattr(optimizer, "scaler", None))
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
+                              **kwargs: Any) -> None:
         st, self._st = self._st, None
-        if st is None:
+        err, self._nonfinite = self._nonfinite, None
+        if st is None and err is None:
             return
+        # The Trainer has unscaled (to clip, or to measure the norm), so the scaler's own inf check decides
+        if self._scaler is not None and amp_state(self._scaler, self._model_ref, optimizer)[1]:
+            if st is not None:
+                st.discard()
+            self.overflow_steps += 1
+            skip_overflow(self.fc, self.task, self._amp_warned)
+            return
+        if err is not None:  # non-finite, yet the scaler found no overflow: a real error
+            if st is not None:
+                st.discard()
+            raise err
         st.__exit__(None, None, None)  # settles the step: applied whole, or discarded and raised
         mark_training_task(self.fc, self._model_ref, self.task)
         self.fc.record_groups(self.task, self._sums.to_host(), self._T)
@@ -143,10 +176,20 @@ class FisherCallback(TrainerCallback):
                 return  # not this window, or not its last backward: the gradient is not final yet
             if self._st is None:
                 self._open()
-            x = square_of(p.grad, self._scale)
+            if self._scaler is None:
+                x = square_of(p.grad, self._scale)
+            else:  # .grad is S·g here: the Trainer unscales only after backward, to clip
+                x = scaled_square(p.grad, self._scale)
             if self.fc.reduction == "group":
                 self._sums.add(name, x)
-            self._st.add(name, x, trusted=True, donate=True, final=True)
+            try:
+                self._st.add(name, x, trusted=True, donate=True, final=True)
+            except NonFiniteGradientError as e:
+                if self._scaler is None:
+                    raise
+                # likely the overflow step the scaler will skip: it tells at on_pre_optimizer_step
+                self._nonfinite, self._collect = e, False
+                self._abandon()
         return hook
 
     def _open(self) -> None:
@@ -159,6 +202,9 @@ class FisherCallback(TrainerCallback):
                 "constant times the token-summed one, and the stored x weights micro-batches unequally. Use a model "
                 "that takes num_items_in_batch, or micro-batches of equal token counts"), stacklevel=2)
         self._scale = self._items if self._items is not None else T
+        if self._scaler is not None:
+            # The scale of this backward: it changes only at scaler.update(), after the optimizer step
+            self._scale = self._scale / float(self._scaler.get_scale())
         self._sums = GroupSums(self._layouts)
         self._st = self.fc.store.begin_step(self.task, tokens=T, layouts={n: self._layouts[n] for n in self._order})
 
