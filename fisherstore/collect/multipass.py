@@ -17,6 +17,13 @@ next writer's recovery deletes. Either way the store is at its last commit, and 
 starts over. (Resuming a run would commit tasks whose parameters sit at different
 steps, which no reader could tell from a finished one.)
 
+**Same batches.** Exactness needs every pass to see the same batches, so each batch of a
+later pass is compared, before its step runs, with the same position of pass 1: every
+value (a digest of each tensor's dtype, shape and bytes, floats included, and of nested
+containers, strings and numbers: :func:`~fisherstore.collect.batches.fingerprint`). A
+difference raises :class:`~fisherstore.errors.BatchesChangedError` naming the batch and
+the keys that changed, and the run rolls back.
+
 Usage::
 
     fc = FisherCollector(backend="zarr", path="fisher.zarr", params="all", memory_budget=4 << 30)
@@ -38,7 +45,7 @@ from torch import nn
 from ..engine.replay import Replay
 from ..errors import BatchesChangedError, InvalidArgumentError
 from ..spec.layout import ParamLayout
-from .batches import fingerprint, take_rows
+from .batches import changed_keys, fingerprint, take_rows
 from .step_loop import Collecting, StepRun
 
 __all__ = ["DatasetRun", "plan_passes", "collect_dataset", "Replayable"]
@@ -187,7 +194,7 @@ def _run_passes(fc: MultiPassCollector, model: nn.Module, source: Replayable, ta
                 progress: bool | None) -> None:
     from tqdm.auto import tqdm
 
-    seen: list[tuple[int, Any]] = []
+    seen: list[tuple[int, list[tuple[str, str]]]] = []  # pass 1's (tokens, fingerprint) of each batch
     total = run.passes * source.length if source.length is not None else None
     enabled = fc.store.options.progress if progress is None else progress
     with tqdm(total=total, unit="batch", desc=f"fisher {task}", leave=False,
@@ -198,16 +205,20 @@ def _run_passes(fc: MultiPassCollector, model: nn.Module, source: Replayable, ta
             replay.begin_pass(names, where, device)
             j = -1
             for j, batch in enumerate(source):
+                # Every value of the batch, floats included, is compared before the step runs: a
+                # changed per-token weight would give this pass's parameters another Fisher.
+                fp = fingerprint(batch)
+                if i > 0:
+                    _check_same(task, i, j, seen, fp)
                 T = fc.run_step(model, batch, task, names, layouts)
-                mark = (T, fingerprint(batch))
                 if i == 0:
-                    seen.append(mark)
+                    seen.append((T, fp))
                     run.tokens += T
-                elif j >= len(seen) or seen[j] != mark:
+                elif T != seen[j][0]:
                     raise BatchesChangedError(
-                        f"pass {i + 1} of the multi-pass run of task {task!r} saw another batch at position {j} "
-                        "than pass 1 (or more batches); every pass must see the same batches in the same order. "
-                        "Pass a list, a DataLoader with shuffle=False, or a callable that returns the same batches"
+                        f"pass {i + 1} of the multi-pass run of task {task!r} counted {T} tokens in batch {j}, pass 1 "
+                        f"counted {seen[j][0]}, though the batch's values are the same; the loss's count_tokens must "
+                        "depend on the batch alone"
                     )
                 bar.update(1)
             if j + 1 != len(seen):
@@ -222,6 +233,26 @@ def _run_passes(fc: MultiPassCollector, model: nn.Module, source: Replayable, ta
             replay.end_pass(names)
             run.write_seconds += time.perf_counter() - fold_start
             run.pass_seconds.append(time.perf_counter() - start)
+
+
+def _check_same(task: str, i: int, j: int, seen: list[tuple[int, list[tuple[str, str]]]],
+                fp: list[tuple[str, str]]) -> None:
+    """Refuse batch ``j`` of pass ``i + 1`` unless it is, value for value, batch ``j`` of pass 1."""
+    if j >= len(seen):
+        raise BatchesChangedError(
+            f"pass {i + 1} of the multi-pass run of task {task!r} saw more batches than pass 1 ({len(seen)}); every "
+            "pass must see the same batches. Pass a list, a DataLoader with shuffle=False, or a callable that "
+            "returns the same batches"
+        )
+    keys = changed_keys(seen[j][1], fp)
+    if keys:
+        raise BatchesChangedError(
+            f"pass {i + 1} of the multi-pass run of task {task!r} saw another batch at position {j} than pass 1: "
+            f"the values of {', '.join(repr(k) for k in keys)} changed; every pass must see the same batches, "
+            "value for value, in the same order, or the parameters of different passes would see different data. "
+            "Pass a list, a DataLoader with shuffle=False and deterministic transforms, or a callable that returns "
+            "the same batches"
+        )
 
 
 def _activation_bytes(fc: MultiPassCollector, model: nn.Module, source: Replayable, task: str, order: list[str],

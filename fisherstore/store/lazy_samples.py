@@ -10,24 +10,31 @@ Usage::
     S[3]                             # sample 3's whole gradient
     S.head(5, "Q")                   # [n, d, in]: one chunk per sample
     S.contributions(5, "Q")          # C_i over the same block, fp32
+    np.asarray(S); torch.as_tensor(S)   # every sample, read once, in the stored dtype
+    for g in S: ...                  # one sample at a time
+    S.to_dask()                      # lazy dask.array, one chunk per stored chunk (sample x head block)
+
+Every read, whatever asked for it, goes through :meth:`LazySamples._read` (one segment's
+array over one region): the one place that touches the backend.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..backends import ArrayBackend
 from ..engine.catalog import ParamState, TaskState
-from ..errors import CorruptChunkError, FisherStoreError, InvalidArgumentError, SliceError
+from ..errors import CorruptChunkError, FisherStoreError, InvalidArgumentError, SliceError, require
 from ..spec.format import sample_key
 from ..spec.indexing import plan_index
 from ..spec.layout import ParamLayout
 from ..spec.manifest import SampleSegment
 from ..spec.regions import Region, bounded, full_region, region_shape
-from ..spec.samples import TORCH_DTYPES, contributions, signed, to_torch
+from ..spec.samples import TORCH_DTYPES, contributions, signed, to_carrier, to_torch
 
 __all__ = ["LazySamples"]
 
@@ -41,6 +48,12 @@ class LazySamples:
     :class:`~fisherstore.store.lazy.LazyFisher` takes (ints, slices with any step, ``...``).
     Values come back in the stored dtype; :meth:`contributions` gives ``C_i = g_i²/T_i``
     in fp32 and :meth:`signed` ``g_i/T_i`` in fp32.
+
+    It is also an array to numpy, torch and Dask: ``np.asarray(S)`` and ``torch.as_tensor(S)``
+    read every sample once, ``for g in S`` one sample at a time, :meth:`to_dask` a lazy
+    Dask array; ``S[len(S)]`` raises an ``IndexError`` (:class:`~fisherstore.errors.SliceError`).
+    In numpy a bfloat16 store is ``ml_dtypes.bfloat16`` (the same bits; tensorstore's
+    dtype package), so nothing is rounded; ``np.asarray(S, dtype=np.float32)`` widens it.
     """
 
     def __init__(self, backend: ArrayBackend, task: TaskState, p: ParamState, segments: Sequence[SampleSegment]):
@@ -69,8 +82,22 @@ class LazySamples:
     def ids(self) -> list[str]:
         return [i for s in self._segments for i in s.ids]
 
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self._p.shape)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        """The stored chunk shape: one sample by one head block (the parameter's chunks)."""
+        return (1, *self._p.chunks)
+
     def __len__(self) -> int:
         return self.shape[0]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Sample by sample, each ``[*param_shape]`` in the stored dtype (one read each)."""
+        for i in range(len(self)):
+            yield self.read([i])[0]
 
     def __repr__(self) -> str:
         return (f"LazySamples(task={self._task.name!r}, name={self.name!r}, shape={tuple(self.shape)}, "
@@ -113,6 +140,7 @@ class LazySamples:
         return out
 
     def _read(self, seg: SampleSegment, region: Region) -> torch.Tensor:
+        """Segment ``seg``'s array over ``region`` (samples first): every read of this view comes here."""
         key = sample_key(self._p.key, seg.id)
         try:
             a = self._backend.read_stored(key, region)
@@ -127,9 +155,9 @@ class LazySamples:
     def __getitem__(self, key: Any) -> torch.Tensor:
         """``S[samples, *param_index]``: samples an int, slice or list of ints; the parameter axes as a LazyFisher's."""
         key = key if isinstance(key, tuple) else (key,)
-        if key and isinstance(key[0], (list, tuple)):  # a list of samples, then a basic index of the parameter
+        if key and _is_sample_list(key[0]):  # a list of samples, then a basic index of the parameter
             plan = plan_index(key[1:], tuple(self._p.shape), self.name)
-            samples: Sequence[int] | slice = list(key[0])
+            samples: Sequence[int] | slice = self._sample_list(key[0])
             region, flips, squeeze = plan.region, [d + 1 for d in plan.flips], [d + 1 for d in plan.squeeze]
             empty = None if plan.empty is None else (len(samples), *plan.empty)
         else:
@@ -143,6 +171,22 @@ class LazySamples:
         if flips:
             out = out.flip(flips)
         return out[tuple(0 if d in squeeze else slice(None) for d in range(out.ndim))]
+
+    def _sample_list(self, key: Any) -> list[int]:
+        """A list (numpy / torch 1-D integer array) of sample indices, negatives counted from the end."""
+        items = key.tolist() if isinstance(key, (np.ndarray, torch.Tensor)) else list(key)
+        n = len(self)
+        out = []
+        for i in items:
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+                raise InvalidArgumentError(
+                    f"a list of samples of {self.name!r} must hold ints, got {type(i).__name__} {i!r}; for a mask "
+                    "pass the indices of its True entries (np.flatnonzero(mask))")
+            if not -n <= int(i) < n:  # SliceError is an IndexError: out of range reads as numpy's
+                raise SliceError(f"sample index {int(i)} is out of range for the {n} samples of {self.name!r}; "
+                                 f"use an index in [-{n}, {n})")
+            out.append(int(i) % n)
+        return out
 
     def head(self, head: int, block: str, samples: Sequence[int] | slice | None = None) -> torch.Tensor:
         """Every sample's (head, block) slice: ``[n, *block_shape]``, one chunk per sample."""
@@ -163,3 +207,81 @@ class LazySamples:
                region: Region | None = None) -> torch.Tensor:
         """``g_i / max(T_i, 1)``, the gradient of each sample's token-mean loss, over a head block or region, fp32."""
         return signed(self._block(head, block, region), self.tokens, reuse=True)
+
+    # -- other libraries: numpy, torch, Dask ------------------------------------------------
+    def numpy(self) -> np.ndarray:
+        """Every sample as one numpy array ``[n, *param_shape]`` in the stored dtype (bfloat16: ``ml_dtypes``)."""
+        return _to_numpy(self.read())
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """``np.asarray(S)``: every sample, read once; ``copy`` is moot, the array is new and shares nothing."""
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
+        """``torch.as_tensor(S)`` / ``torch.tensor(S)``: every sample, in the stored dtype (bfloat16 too)."""
+        return self.read().__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self) -> tuple[Any, int]:
+        return torch.empty(0).__dlpack_device__()  # reads land in host memory
+
+    def __dask_tokenize__(self) -> Hashable:
+        where = self._backend.location if self._backend.location is not None else id(self._backend)
+        return ("LazySamples", self._backend.name, where, self._task.name, self.name,
+                tuple(s.id for s in self._segments), str(self.dtype))
+
+    def to_dask(self, chunks: Any = None, dtype: Any = None) -> Any:
+        """The samples as a lazy ``dask.array.Array`` ``[n, *param_shape]``, read chunk by chunk through this view.
+
+        ``chunks``: Dask's chunks (None: the stored ones, one sample by one head block, so a
+        Dask chunk is one chunk read); ``dtype``: a numpy dtype to cast each chunk to (None:
+        the stored dtype; bfloat16 is ``ml_dtypes.bfloat16``). Dask is the ``views`` extra.
+        Usage: ``S.to_dask()[:, :8].sum(axis=(1, 2)).compute()``.
+        """
+        da = require("dask.array", "LazySamples.to_dask()")
+        arr = _DaskSource(self, _numpy_dtype(self.dtype) if dtype is None else np.dtype(dtype))
+        # meta: the chunks are numpy; without it Dask would read a slice to find out
+        return da.from_array(arr, chunks=self.chunks if chunks is None else chunks, asarray=False, lock=False,
+                             meta=np.empty((0,) * arr.ndim, dtype=arr.dtype))
+
+
+def _is_sample_list(k: Any) -> bool:
+    if isinstance(k, (list, tuple)):
+        return True
+    return isinstance(k, (np.ndarray, torch.Tensor)) and k.ndim == 1
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    if dtype == torch.bfloat16:
+        import ml_dtypes  # numpy's bfloat16; installed with tensorstore, a dependency
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy, bfloat16 as ``ml_dtypes.bfloat16`` over the same bits."""
+    return to_carrier(t).view(_numpy_dtype(torch.bfloat16)) if t.dtype == torch.bfloat16 else to_carrier(t)
+
+
+class _DaskSource:
+    """What ``da.from_array`` reads: a LazySamples whose slices come back as numpy of one dtype."""
+
+    __slots__ = ("samples", "dtype")
+
+    def __init__(self, samples: LazySamples, dtype: np.dtype) -> None:
+        self.samples, self.dtype = samples, dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.samples.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.samples.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return _to_numpy(self.samples[key]).astype(self.dtype, copy=False)
+
+    def __dask_tokenize__(self) -> Hashable:
+        return ("LazySamples.to_dask", self.samples.__dask_tokenize__(), str(self.dtype))
