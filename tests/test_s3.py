@@ -86,7 +86,12 @@ def test_a_discarded_step_and_a_replaced_store_on_s3(s3, backend):
 
 def _s3_writer(url: str, backend: str, env: dict, conn) -> None:
     os.environ.update(env)
-    s = fisherstore.open(url, mode="a", backend=backend, decay=0.9, memory_budget=1 << 20, force=True)
+    while True:  # force takes over the killed writer's lease once it expired (FISHERSTORE_LOCK_TTL in env)
+        try:
+            s = fisherstore.open(url, mode="a", backend=backend, decay=0.9, memory_budget=1 << 20, force=True)
+            break
+        except StoreLockedError:
+            time.sleep(0.2)
     for n in ("a", "b"):
         s.create("t", n, (32, 16), Q.__class__.attention("q", 8, 4))
     s.flush()
@@ -103,9 +108,11 @@ def _s3_writer(url: str, backend: str, env: dict, conn) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_kill_9_during_a_flush_on_s3_leaves_a_completed_commit(s3, backend):
+def test_kill_9_during_a_flush_on_s3_leaves_a_completed_commit(s3, backend, monkeypatch):
     url = s3()
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")}
+    monkeypatch.setenv("FISHERSTORE_LOCK_TTL", "1")  # a killed writer's lease expires in a second
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+                                      "FISHERSTORE_LOCK_TTL")}
     ref = fisherstore.open(backend="ram", decay=0.9, memory_budget=1 << 20)
     for n in ("a", "b"):
         ref.create("t", n, (32, 16), ParamLayout.attention("q", 8, 4))
@@ -143,6 +150,7 @@ def test_kill_9_during_a_flush_on_s3_leaves_a_completed_commit(s3, backend):
     left = verify_store(url, backend=backend).rolled_back
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        time.sleep(2.5)  # the last killed writer's lease expires
         fisherstore.open(url, mode="a", backend=backend, force=True).close()
     assert bool(left) == any(issubclass(w.category, fisherstore.RecoveryWarning) for w in caught)
     assert verify_store(url, backend=backend).rolled_back == []

@@ -15,6 +15,7 @@ error. ``direct_reads=False`` reads through the array library, trusting its deco
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +29,7 @@ from ..spec.regions import Region, chunk_coords
 from .base import CARRIERS, ArrayBackend, Medium, raw_array_doc
 from .chunks import Chain, parse_chain
 from .direct import read_region
-from .files import TEMP_SUFFIX, LocalFiles
+from .files import TEMP_SUFFIX, LocalFiles, check_regular
 
 __all__ = ["HierarchyBackend", "open_medium"]
 
@@ -85,6 +86,15 @@ class HierarchyBackend(ArrayBackend):
     def _write_lib(self, handle: Any, region: Region, data: np.ndarray) -> None:
         """Write through the array library."""
 
+    def _lib_errors(self, op: str, key: str, mutate: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Where an array library talks to the medium itself: on ``s3://`` its failures become
+        :class:`~fisherstore.errors.StorageError` (and a mutation first checks the writer's lease).
+
+        Usage: ``with self._lib_errors("PUT", key, mutate=True): handle[region] = data``.
+        """
+        errors = getattr(self.files, "errors", None)
+        return errors(op, key, mutate) if errors is not None else contextlib.nullcontext()
+
     # -- arrays -------------------------------------------------------------------------------
     def create_array(self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any],
                      codecs: CodecSpec) -> None:
@@ -101,9 +111,14 @@ class HierarchyBackend(ArrayBackend):
         return h
 
     def read(self, key: str, region: Region) -> np.ndarray:
-        meta = self.array_meta(key) if self.direct_reads else None
-        chain = meta.get("chain") if meta else None
+        local = self.files.kind == "file"
+        meta = self.array_meta(key) if self.direct_reads or local else None
+        chain = meta.get("chain") if meta and self.direct_reads else None
         if chain is None or meta["data_type"] != "float32" or any((s.step or 1) != 1 for s in region):
+            if local and meta is not None and meta["default_keys"]:
+                # The library opens chunk files blocking and unchecked: a FIFO would hang it (files.check_regular).
+                base = self.files.path(key)
+                check_regular(f"{base}/{chunk_key(c)}" for c in chunk_coords(region, meta["chunks"]))
             return self._read_lib(self._handle(key), region)
         return self._read_direct(key, meta, chain, region)
 
@@ -151,7 +166,7 @@ class HierarchyBackend(ArrayBackend):
                 default_keys = enc.get("name") == "default" and (enc.get("configuration") or {}).get("separator",
                                                                                                      "/") == "/"
                 meta = {"data_type": doc.get("data_type"), "shape": tuple(doc.get("shape") or ()),
-                        "chunks": tuple(grid.get("chunk_shape") or ()),
+                        "chunks": tuple(grid.get("chunk_shape") or ()), "default_keys": default_keys,
                         "chain": parse_chain(doc.get("codecs")) if default_keys else None}
             self._meta[key] = meta
         return self._meta[key]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,7 +31,11 @@ class TensorStoreBackend(HierarchyBackend):
 
     def __init__(self, root: str | None, *, file_io_sync: bool = False, **kw: Any) -> None:
         super().__init__(root, **kw)
-        self._ctx = ts.Context({"file_io_sync": bool(file_io_sync), "cache_pool": {"total_bytes_limit": 0}})
+        ctx: dict[str, Any] = {"file_io_sync": bool(file_io_sync), "cache_pool": {"total_bytes_limit": 0}}
+        if self.files.kind == "s3":
+            ctx["s3_request_retries"] = {"max_retries": max(self.files.retries, 1)}
+            _bound_s3_requests(self.files.timeout)
+        self._ctx = ts.Context(ctx)
 
     def _kvstore(self, key: str) -> dict[str, Any]:
         if self.files.kind != "s3":
@@ -65,19 +70,41 @@ class TensorStoreBackend(HierarchyBackend):
             # Write every chunk, zeros included (as the zarr backend does).
             "store_data_equal_to_fill_value": True,
         }
-        with _os_errors():
+        with self._lib_errors("create array", key, mutate=True), _os_errors():
             return ts.open(spec, create=True, context=self._ctx).result()
 
     def _open(self, key: str) -> ts.TensorStore:
         spec = {"driver": "zarr3", "kvstore": self._kvstore(key), "store_data_equal_to_fill_value": True}
-        return ts.open(spec, open=True, read=True, write=not self.read_only, context=self._ctx).result()
+        with self._lib_errors("open array", key):
+            return ts.open(spec, open=True, read=True, write=not self.read_only, context=self._ctx).result()
 
     def _read_lib(self, handle: ts.TensorStore, region: Region) -> np.ndarray:
-        return np.asarray(handle[region].read().result(), dtype=np.float32)
+        with self._lib_errors("GET", _key_of(handle)):
+            return np.asarray(handle[region].read().result(), dtype=np.float32)
 
     def _write_lib(self, handle: ts.TensorStore, region: Region, data: np.ndarray) -> None:
-        with _os_errors():
+        with self._lib_errors("PUT", _key_of(handle), mutate=True), _os_errors():
             handle[region].write(data).result()
+
+
+def _key_of(handle: ts.TensorStore) -> str:
+    """The array's key below the store, for messages (best effort: '' if TensorStore does not say)."""
+    try:
+        return str(handle.kvstore.path).strip("/")
+    except Exception:
+        return ""
+
+
+def _bound_s3_requests(timeout: float) -> None:
+    """Bound TensorStore's S3 requests: its kvstore spec takes no timeout, only its libcurl does.
+
+    TensorStore reads these variables once per process, when its HTTP transport starts, so
+    the first s3:// store of a process sets them; a variable the user set is kept. A
+    request that moves no byte for ``timeout`` seconds is abandoned (and retried).
+    """
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", str(max(1, round(timeout))))
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
+    os.environ.setdefault("TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS", str(max(1, round(min(timeout, 5)))))
 
 
 _OS_CODE = re.compile(r"os_error_code='(\d+)'")

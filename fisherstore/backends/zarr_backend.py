@@ -50,6 +50,11 @@ class ZarrBackend(HierarchyBackend):
 
     def _create(self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any],
                 codecs: CodecSpec) -> zarr.Array:
+        with self._lib_errors("create array", key, mutate=True):
+            return self._create_lib(key, shape, chunks, attributes, codecs)
+
+    def _create_lib(self, key: str, shape: Sequence[int], chunks: Sequence[int], attributes: dict[str, Any],
+                    codecs: CodecSpec) -> zarr.Array:
         return zarr.create_array(
             store=self.zstore,
             name=key,
@@ -68,14 +73,17 @@ class ZarrBackend(HierarchyBackend):
         )
 
     def _open(self, key: str) -> zarr.Array:
-        arr = zarr.open_array(store=self.zstore, path=key, mode="r" if self.read_only else "r+", zarr_format=3)
+        with self._lib_errors("open array", key):
+            arr = zarr.open_array(store=self.zstore, path=key, mode="r" if self.read_only else "r+", zarr_format=3)
         return arr.with_config({"write_empty_chunks": True})
 
     def _read_lib(self, handle: zarr.Array, region: Region) -> np.ndarray:
-        return np.asarray(handle[region], dtype=np.float32)
+        with self._lib_errors("GET", handle.path):
+            return np.asarray(handle[region], dtype=np.float32)
 
     def _write_lib(self, handle: zarr.Array, region: Region, data: np.ndarray) -> None:
-        handle[region] = data
+        with self._lib_errors("PUT", handle.path, mutate=True):
+            handle[region] = data
 
     def close(self) -> None:
         super().close()

@@ -21,7 +21,7 @@ from .demo import run_demo
 from .exits import DAMAGED, OK
 from .info import store_info
 
-__all__ = ["command", "COMMANDS", "store_dir"]
+__all__ = ["command", "COMMANDS", "store_dir", "out_file"]
 
 
 def store_dir(path: str, *, need_doc: bool = True) -> str:
@@ -29,7 +29,9 @@ def store_dir(path: str, *, need_doc: bool = True) -> str:
     it is instead."""
     path = location(path)
     if "://" in path:
-        return path  # the store itself says whether it is one
+        if need_doc:
+            _require_remote_doc(path)
+        return path
     if not os.path.exists(path):
         raise NotAFisherStoreError(f"{path}: no such directory. Check the path (`fisherstore demo --out DIR` makes "
                                    "a store to try the commands on).")
@@ -41,6 +43,45 @@ def store_dir(path: str, *, need_doc: bool = True) -> str:
         raise NotAFisherStoreError(f"{path} is a directory but not a fisherstore store (it has no zarr.json). Give "
                                    "the store's root directory.")
     return path
+
+
+def _require_remote_doc(url: str) -> None:
+    """:class:`NotAFisherStoreError` unless ``url`` holds a store's root document.
+
+    Without it ``verify`` would report a missing bucket or prefix as a damaged store (exit
+    1); there is simply no store there (exit 3), as ``info`` says for the same URL.
+    """
+    from ..backends.hierarchy import open_medium  # obstore: imported only for s3:// locations
+    from ..spec.format import DOC
+
+    if not open_medium(url, read_only=True).exists(DOC):
+        raise NotAFisherStoreError(f"{url}: no fisherstore store there (no {DOC} at that prefix, or no such bucket). "
+                                   "Check the URL.")
+
+
+def out_file(path: str, default_name: str) -> str:
+    """Where a command writes a picture: ``path``, or ``path/default_name`` when ``path`` is a directory.
+
+    As ``cp FILE DIR`` does: an existing directory receives the file under its default
+    name (matplotlib would otherwise write ``DIR.png`` beside it). A path with no suffix
+    gets ``.png``, so the file printed is the file written. A missing parent directory is
+    a usage error (exit 2) before any work is done, not an I/O error after it.
+    Usage: ``out_file("figs", "math.png")`` → ``"figs/math.png"``.
+    """
+    if os.path.isdir(path):
+        return os.path.join(path, default_name)
+    if not os.path.splitext(path)[1]:
+        path += ".png"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InvalidArgumentError(f"cannot write {path}: its directory {parent} does not exist (create it first, "
+                                   "or give an existing directory to write into)")
+    return path
+
+
+def _safe_name(text: str) -> str:
+    """A task name as part of a file name (a path separator in it would name another directory)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "_"
 
 
 # -- the subcommand registry ---------------------------------------------------------------
@@ -81,6 +122,9 @@ def _demo(sub: Any) -> None:
                                                                    "default 3)")
 
     def run(a: argparse.Namespace) -> int:
+        if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
+            raise InvalidArgumentError(f"--out {a.out} is a file; the demo writes a store and a PNG into a directory "
+                                       "(give a new or existing directory)")
         run_demo(a.out, backend=a.backend, steps=a.steps)
         return OK
 
@@ -136,16 +180,25 @@ def _plot(sub: Any) -> None:
     _store_args(p, json_flag=False)
     p.add_argument("--task", required=True, help="the task to draw")
     p.add_argument("--compare", metavar="TASK2", help="a second task to compare against --task")
-    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("--out", required=True,
+                   help="the PNG file to write; an existing directory receives TASK.png (with --compare: "
+                        "TASK-vs-TASK2.png); a name with no suffix gets .png")
 
     def run(a: argparse.Namespace) -> int:
+        from ..qkov.outofcore import check_same_geometry, require_ema_step
         from ..store.api import open as open_store
         from ..views.plots import plot_mass
 
+        out = out_file(a.out, _safe_name(a.task) + (f"-vs-{_safe_name(a.compare)}" if a.compare else "") + ".png")
         with open_store(store_dir(a.path), mode="r", backend=a.backend) as s:
+            for task in [a.task] + ([a.compare] if a.compare else []):
+                require_ema_step(s, task, "be drawn", "collect its EMA first (FisherCollector.collect_fisher); "
+                                 "its per-sample gradients are scored by `fisherstore qkov --fisher contribution`")
+            if a.compare:  # the panels set the two tasks' heads side by side
+                check_same_geometry(s, a.task, a.compare, _headed(s, a.task), role="--compare task", role_a="--task")
             df = s.summary(a.task)
             other = s.summary(a.compare) if a.compare else None
-        print(plot_mass(df, a.out, compare=other))
+        print(plot_mass(df, out, compare=other))
         return OK
 
     p.set_defaults(run=run)
@@ -166,19 +219,30 @@ def _qkov(sub: Any) -> None:
     p.add_argument("--fisher-task", help="the task whose Fisher normalises (default: --task-a)")
     p.add_argument("--layers", nargs="+", help="layer keys to score (default: all)")
     p.add_argument("--heads", nargs="+", type=int, help="query heads to score (default: all)")
-    p.add_argument("--blocks", default="QKVO", help="blocks to score, e.g. QK (default QKVO)")
+    p.add_argument("--blocks", default="QKVO", help="blocks to score, some of Q, K, V, O, e.g. QK (default QKVO)")
     p.add_argument("--top", type=_positive_int, default=10, help="top conflicts to print per block (default 10)")
-    p.add_argument("--png", help="also draw the heat map into this PNG (needs matplotlib)")
+    p.add_argument("--png", help="also draw the heat map into this PNG (needs matplotlib); an existing directory "
+                                 "receives qkov-A-vs-B.png")
 
     def run(a: argparse.Namespace) -> int:
         from ..qkov import QKOVIndexer, QKOVInterference, heatmap_png
+        from ..qkov.outofcore import require_ema_step
         from ..store.api import open as open_store
 
+        blocks = [b for b in a.blocks.upper() if b not in ", "]  # "QK", "Q,K" and "Q K" alike
+        bad = [b for b in blocks if b not in "QKVO"]
+        if not blocks or bad:
+            raise InvalidArgumentError(f"--blocks {a.blocks!r} selects {'no block' if not blocks else repr(bad[0])}; "
+                                       "give one or more of Q, K, V, O (e.g. --blocks QK)")
+        if a.png:
+            a.png = out_file(a.png, f"qkov-{_safe_name(a.task_a)}-vs-{_safe_name(a.task_b)}.png")
         with open_store(store_dir(a.path), mode="r", backend=a.backend) as s:
+            if a.fisher == "ema":
+                require_ema_step(s, a.fisher_task or a.task_a, "normalise the scores", _NO_EMA_HINT)
             qk = QKOVInterference(QKOVIndexer.from_store(s, a.task_a))
             layers = [int(v) if v.lstrip("-").isdigit() else v for v in a.layers] if a.layers else None
             heat = qk.heatmap_from_store(s, a.task_a, a.task_b, fisher=a.fisher, fisher_task=a.fisher_task,
-                                         layers=layers, heads=a.heads, blocks=a.blocks)
+                                         layers=layers, heads=a.heads, blocks=blocks)
         blocks = [b for b in "QKVO" if b in heat]
         if a.png:
             heatmap_png(heat, a.png, f"QK-OV interference ({a.task_a} vs {a.task_b}, {a.fisher} Fisher)")
@@ -209,10 +273,22 @@ def _qkov(sub: Any) -> None:
 def _unlock_cmd(sub: Any) -> None:
     u = sub.add_parser("unlock", help="remove a stale writer lock",
                        description="Remove the writer lock of a process that is gone (pidfile locks; an "
-                                   "flock lock is released by the kernel when its writer dies).")
-    u.add_argument("path", help="the store's directory")
+                                   "flock lock is released by the kernel when its writer dies). On s3:// the lock "
+                                   "is a lease: it is removed only once it has expired (FISHERSTORE_LOCK_TTL "
+                                   "seconds, default 60, after its writer's last heartbeat).")
+    u.add_argument("path", help="the store's directory, or s3://bucket/prefix")
     u.add_argument("--force", action="store_true", help="required: confirm the writer is gone")
     u.set_defaults(run=lambda a: _unlock(store_dir(a.path, need_doc=False), a.force))
+
+
+#: What to do instead of reading an EMA with no step, in command-line words.
+_NO_EMA_HINT = ("pass --fisher contribution (the mean of its per-sample contributions), or collect its EMA first "
+                "(FisherCollector.collect_fisher)")
+
+
+def _headed(s: Any, task: str) -> list[str]:
+    """The parameters of ``task`` with head layouts: those a [layer x head] picture draws."""
+    return [n for n in s.params(task) if (lay := s.layout(task, n)) is not None and lay.has_heads]
 
 
 def _print_info(info: dict[str, Any]) -> None:
@@ -248,6 +324,8 @@ def _print_verify(rep: Any) -> None:
 def _unlock(path: str, force: bool) -> int:
     from ..engine.lock import LOCK_NAME, StoreLock, holder_alive, read_holder
 
+    if path.startswith("s3://"):
+        return _unlock_object(path, force)
     lock_path = os.path.join(path, LOCK_NAME)
     holder = read_holder(lock_path)
     if not os.path.exists(lock_path) or not holder:
@@ -264,4 +342,25 @@ def _unlock(path: str, force: bool) -> int:
     lock.acquire()  # raises StoreLockedError if a live writer really holds it
     lock.release()
     print(f"{path}: removed the stale lock of pid {holder.get('pid')} on host {holder.get('host')}")
+    return OK
+
+
+def _unlock_object(url: str, force: bool) -> int:
+    """``unlock`` on object storage: the lock object goes only once its lease has expired."""
+    from ..backends.hierarchy import open_medium
+    from ..engine.lock import LeaseState, break_object_lock
+
+    medium = open_medium(url, read_only=False)
+    state = LeaseState.read(medium, measure=False)
+    if state is None:
+        print(f"{url}: no writer lock is held")
+        return OK
+    if not force:
+        raise InvalidArgumentError(f"{url} has a writer lock from {state.describe(url)}; pass --force to remove it "
+                                   "once you are sure that writer is gone (a live writer's lease is never removed)")
+    removed = break_object_lock(medium)  # StoreLockedError (exit 4) while the lease is live
+    if removed is None:
+        print(f"{url}: no writer lock is held")
+    else:
+        print(f"{url}: removed the expired lock of {removed.describe(url)}")
     return OK

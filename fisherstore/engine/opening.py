@@ -43,8 +43,14 @@ def take_lock(backend: ArrayBackend, force: bool) -> StoreLock | ObjectLock:
 
 
 def release_lock(lock: StoreLock | ObjectLock | None, backend: ArrayBackend) -> None:
-    if lock is not None:  # a store never created keeps no lock file behind
-        lock.release(remove_file=not backend.exists())
+    """Release the writer lock; a store never created keeps no lock file behind."""
+    if lock is None:
+        return
+    try:
+        never_created = not backend.exists()
+    except OSError:  # an unreachable server (StorageError): the lock must still be released
+        never_created = False
+    lock.release(remove_file=never_created)
 
 
 def open_root(backend: ArrayBackend, mode: str, codecs: CodecSpec | None, leader: bool) -> tuple[StoreDoc, bool]:

@@ -59,8 +59,18 @@ class StoreOptions:
             there. 0: accumulate in pinned host memory instead (copies overlap backward,
             and a step's micro-batches are summed on the device first where they fit).
             Irrelevant on a machine without a GPU.
-        force: take over a stale writer lock whose process is gone (pidfile locks only;
-            an ``flock`` lock is released by the kernel when its writer dies).
+        force: take over a stale writer lock whose process is gone (pidfile locks; an
+            ``flock`` lock is released by the kernel when its writer dies). On ``s3://`` the
+            lock is a lease renewed by its writer's heartbeat: ``force`` takes it over only
+            once it expired (``FISHERSTORE_LOCK_TTL`` seconds, default 60, after the last
+            heartbeat); a live lease is a :class:`~fisherstore.StoreLockedError` naming its holder.
+
+    The backend's options travel beside these (:meth:`split`); for ``s3://`` locations,
+    ``storage_options`` holds obstore's S3 settings (``endpoint``, ``region``,
+    ``access_key_id``, ...) over the ``AWS_*`` variables, and ``timeout`` (seconds per
+    request attempt, default 30) and ``retries`` (default 3), which bound every request:
+    one that gets no answer fails with :class:`~fisherstore.StorageError` after about
+    ``timeout × (retries + 1)`` seconds. An unknown key is an :class:`InvalidArgumentError`.
         group: a :class:`~fisherstore.RankGroup` when several processes write this store
             together (``torch.distributed``); each rank then writes only what it owns.
         codecs: the codec chain of a new store (an existing store keeps its own).

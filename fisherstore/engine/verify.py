@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..backends import ArrayBackend, location, make_backend
-from ..errors import CorruptChunkError, FisherStoreError
+from ..errors import CorruptChunkError, FisherStoreError, StorageError
 from ..progress import progress_bar
 from ..spec.format import DOC, StoreDoc, chunk_key, doc_key, gen_name, sample_key
 from ..spec.manifest import SampleSegment, TaskManifest
@@ -109,6 +109,8 @@ def verify_store(path: str | os.PathLike[str], backend: str = "zarr", *, progres
         rep.rolled_back += [Finding(lo.kind, lo.message, be.url(lo.key), lo.task, lo.param)
                             for lo in find_leftovers(be, catalog)]
     except FisherStoreError as e:
+        if isinstance(e, StorageError) and not local:
+            raise  # the object store failed (unreachable, no credentials): not damage (CLI exit 5)
         rep.problems.append(Finding("unreadable_store", str(e), path))
     except OSError as e:  # permissions, I/O errors: a finding, never a traceback
         rep.problems.append(Finding("unreadable_store", f"{type(e).__name__}: {e}", getattr(e, "filename", None)
@@ -190,6 +192,8 @@ def _check_samples(be: ArrayBackend, rep: VerifyReport, t: TaskState, p: ParamSt
         try:
             rep.bytes_checked += be.read_stored(key, chunk_region(idx, want[1], want[2])).nbytes
         except Exception as e:
+            if isinstance(e, StorageError) and getattr(be.medium, "kind", "file") == "s3":
+                raise  # the object store failed, not the chunk
             rep.problems.append(Finding("corrupt_chunk", f"{what}: chunk {idx}: {type(e).__name__}: {e}",
                                         be.url(f"{key}/{chunk_key(idx)}"), t.name, p.name, idx))
 
