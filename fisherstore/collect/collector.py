@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..engine.dist import RankGroup
-from ..errors import InvalidArgumentError, listing
+from ..errors import InvalidArgumentError, RankFailedError, listing
 from ..losses import LossFn, causal_lm, loss_name
 from ..losses import check_loss as check_loss_fn
 from ..spec.layout import ParamLayout
@@ -167,13 +167,41 @@ class FisherCollector(GroupView):
     def __enter__(self) -> FisherCollector:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        """Close (flushing); under a rank group, an error leaves the group and commits nothing.
+
+        With an error inside the block, this rank cannot take its part in a collective
+        flush: the others may be anywhere (in their next step, in their own flush). So it
+        tells them (:meth:`RankGroup.leave`: they raise :class:`~fisherstore.errors.RankFailedError`
+        naming it at their next collective), closes the store without a commit (it stays at
+        its last one), and its own error propagates unchanged. A single process flushes as
+        before: nobody waits on it.
+        """
+        if exc is None or self.group.world_size == 1:
+            self.close()
+            return
+        self.group.leave(exc)
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """Close the store without committing, once this rank has left its group; it keeps its last commit."""
+        try:
+            self.store.close()  # the flush raises at its first collective (the group is left): no commit
+        except RankFailedError:
+            pass  # expected: the store's resources are released all the same
 
     def flush(self) -> None:
         self.store.flush()
 
     def close(self) -> None:
+        """Flush and close the store; once this rank's group saw a rank fail, close without a commit.
+
+        The failure was raised once already (a :class:`~fisherstore.errors.RankFailedError`, or this
+        rank's own error), so ``close()`` in a ``finally`` does not raise it again over it.
+        """
+        if self.group.failed is not None:
+            self._abandon()
+            return
         self.store.close()
 
     def __repr__(self) -> str:

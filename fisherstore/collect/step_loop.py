@@ -87,14 +87,23 @@ class StepRun:
         check_tokens(T)
         owned = {n for n in self.order if fc.store.owns(self.task, n)}
         with self._begin(T) as st:
-            summed = fc.estimator == "batch"  # the batch estimator's sink gets the summed gradient
-            got = self.backward(batch, owned, lambda n, x, final: self.feed(st, n, square(x) if summed else x, final))
-            if got != T:  # discard the step: its x was divided by the wrong T
-                raise FisherStoreError(
-                    f"{loss_name(fc.loss_fn)} counted {got} tokens over the micro-batches of a batch for which its "
-                    f"count_tokens said {T}; the step was discarded. Make count_tokens(batch) equal the sum of the "
-                    "n_tokens its calls return"
-                )
+            err: BaseException | None = None
+            try:
+                summed = fc.estimator == "batch"  # the batch estimator's sink gets the summed gradient
+                got = self.backward(batch, owned,
+                                    lambda n, x, final: self.feed(st, n, square(x) if summed else x, final))
+                if got != T:  # discard the step: its x was divided by the wrong T
+                    raise FisherStoreError(
+                        f"{loss_name(fc.loss_fn)} counted {got} tokens over the micro-batches of a batch for which "
+                        f"its count_tokens said {T}; the step was discarded. Make count_tokens(batch) equal the sum of "
+                        "the n_tokens its calls return"
+                    )
+            except Exception as e:
+                err = e
+            # A rank whose part failed must not leave the others applying theirs: all discard it.
+            err = fc.group.agree(err, f"write step {st.t} of task {self.task!r}")
+            if err is not None:
+                raise err
         return T
 
     def summed(self, batch: Mapping[str, Any]) -> int:
@@ -105,13 +114,27 @@ class StepRun:
             check_same_batch(fc.group, batch)
         owned = {n for n in self.order if fc.store.owns(self.task, n)}
         sums: dict[str, torch.Tensor] = {}
-        T = self.backward(batch, owned, lambda n, x, final: _add_to(sums, n, x))
-        check_tokens(T)
+        err: BaseException | None = None
+        T = 0
+        try:  # a rank that fails must still reach the collectives, or the others would wait on it
+            T = self.backward(batch, owned, lambda n, x, final: _add_to(sums, n, x))
+            check_tokens(T)
+        except Exception as e:
+            err = e
+        err = fc.group.agree(err, f"compute its gradients for step {fc.store.step(self.task) + 1} of task {self.task!r}")
+        if err is not None:
+            raise err
         with self._begin(T) as st:
-            for n in self.order:
-                x = sums.pop(n, None)
-                if x is not None:
-                    self.feed(st, n, square(x) if fc.estimator == "batch" else x, True)
+            try:
+                for n in self.order:
+                    x = sums.pop(n, None)
+                    if x is not None:
+                        self.feed(st, n, square(x) if fc.estimator == "batch" else x, True)
+            except Exception as e:
+                err = e
+            err = fc.group.agree(err, f"write step {st.t} of task {self.task!r}")
+            if err is not None:
+                raise err  # inside the step: every rank discards it
         return T
 
     def data_parallel(self, batch: Mapping[str, Any]) -> int:

@@ -9,7 +9,8 @@ A flush runs in this order, the collectives in between (docs/architecture.md)::
     gather    the leader learns the entries of the parameters other ranks own
     plan      per task, a pure TaskCommit: the new manifest, what it adopts, what it supersedes
     manifest  the leader replaces the task manifest atomically: this is the commit
-    agree     every rank learns whether the manifest landed
+    agree     every rank learns whether the manifest landed (a rank that died here leaves the
+              others unsure: they raise RankFailedError and delete nothing)
     apply     RAM state takes the plan (the one place a commit changes it)
     delete    the generations the commit superseded, except what a reader's pin holds (.pins)
 
@@ -31,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..backends import ArrayBackend
-from ..errors import FisherStoreError, StorageError, human_bytes, listing
+from ..errors import FisherStoreError, RankFailedError, StorageError, human_bytes, listing
 from ..progress import progress_bar
 from ..spec.format import (
     DOC,
@@ -198,6 +199,14 @@ class Committer:
         except BaseException as e:
             err = e
         err = self.group.agree(err, f"commit task {t.name!r}")
+        if isinstance(err, RankFailedError) and err.rank != self.group.rank:
+            # Another rank failed or died after the leader's manifest write was attempted: on
+            # the leader it landed, elsewhere nobody can tell. The new generations may be what
+            # a landed manifest names, so they stay (recovery removes them if none does).
+            if self.group.is_leader:
+                raise RankFailedError(f"{err} The manifest of task {t.name!r} at step {t.step} had landed: a "
+                                      "reader sees that commit", rank=err.rank) from err
+            raise err
         if err is not None:
             for key in plan.new_keys:
                 with contextlib.suppress(OSError):

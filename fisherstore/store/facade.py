@@ -194,12 +194,12 @@ class FisherStore(WriteMethods, ReadMethods, SampleMethods):
         block or dropping it releases the pin; the store it came from stays open.
 
         The views and sweeps of a read-only store take a snapshot themselves. A writable
-        store (the writer itself: nobody else deletes its generations) and a snapshot
-        return themselves. ``tasks``: pin only these (default: every task).
+        store (the writer itself: nobody else deletes its generations) returns a view of its
+        live state, whose ``close()`` closes nothing. ``tasks``: pin only these (default: every task).
         """
         self._check_open()
         if self.writable or not self._backend.persistent:
-            return self
+            return StoreSnapshot(self, None, None, owns=False)  # the live state; closing it closes nothing
         names = self._cat().names() if tasks is None else [self._cat().task(n).name for n in tasks]
         keys = self._catalog.keys()
 
@@ -213,7 +213,18 @@ class FisherStore(WriteMethods, ReadMethods, SampleMethods):
     def __enter__(self) -> FisherStore:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        """Close (flushing); in a rank group, an error leaves the group and commits nothing.
+
+        The other ranks may be anywhere, so this rank cannot take its part in a collective
+        flush: it tells them (:meth:`RankGroup.leave`; they raise ``RankFailedError`` naming
+        it), releases the store at its last commit, and its own error propagates.
+        """
+        if exc is not None and self._group.world_size > 1 and self.writable:
+            self._group.leave(exc)
+            self._finalizer.detach()
+            self._res.release()
+            return
         self.close()
 
     # -- properties ---------------------------------------------------------------------
@@ -323,11 +334,15 @@ class StoreSnapshot(FisherStore):
     pin, never the store.
     """
 
-    def __init__(self, parent: FisherStore, states: dict[str, TaskState], pin: Pin | None, owns: bool = True) -> None:
+    def __init__(self, parent: FisherStore, states: dict[str, TaskState] | None, pin: Pin | None,
+                 owns: bool = True) -> None:
         self.__dict__.update(parent.__dict__)  # the same backend, pool, resources and options
         self._parent = parent  # keeps the store (and its backend, or the owning snapshot's pin) alive
         self._pin = pin
         self._owns = owns
+        self._live = states is None
+        if states is None:  # a writer's own store: nobody else deletes its generations, reads stay live
+            return
         self._catalog = Catalog()
         for t in states.values():
             self._catalog.add(t)
@@ -342,7 +357,8 @@ class StoreSnapshot(FisherStore):
         """
         for n in tasks or ():
             self._cat().task(n)
-        return StoreSnapshot(self, {t.name: t for t in self._catalog}, self._pin, owns=False)
+        states = None if self._live else {t.name: t for t in self._catalog}
+        return StoreSnapshot(self, states, self._pin, owns=False)
 
     frozen = property(lambda self: True, doc="Whether this is a snapshot, frozen at one commit: it is.")
 
@@ -350,6 +366,9 @@ class StoreSnapshot(FisherStore):
     def commits(self) -> dict[str, int]:
         """The commit each task is read at (task -> the manifest's commit number)."""
         return {t.name: t.commit for t in self._catalog}
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Release the pin if this snapshot took it (idempotent); the store it came from stays open."""

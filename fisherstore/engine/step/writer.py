@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...errors import FisherStoreError, StepError, StorageError, UnknownParamError, human_bytes
+from ...errors import FisherStoreError, StepError, StorageError, StoreLockedError, UnknownParamError, human_bytes
 from ...spec.ema import decay_factor, step_weight
 from ...spec.layout import ParamLayout
 from ...spec.regions import (
@@ -240,6 +240,8 @@ class StepWriter(Transaction):
         self._on_end(self, False)
 
     def _failed(self, exc: BaseException) -> FisherStoreError:
+        if isinstance(exc, StoreLockedError):  # the writer's lease was taken over: not the disk, and no retry
+            return StoreLockedError(f"step {self.t} of task {self.task!r} was discarded: {exc}")
         needed = sum(self.task_state.params[n].nbytes for n in self.streamed)
         cls = StorageError if isinstance(exc, OSError) else FisherStoreError
         args = (exc.errno,) if isinstance(exc, OSError) else ()
