@@ -339,3 +339,41 @@ def test_a_group_of_one_has_nothing_to_leave():
     g = fisherstore.RankGroup.solo()
     g.leave(ValueError("mine"))  # no peer to tell: a no-op, and the group stays usable
     assert g.failed is None and g.all_gather(3) == [3] and g.agree(None, "x") is None
+
+
+def store_worker(rank: int, case: dict, init: str, path: str, conn) -> None:
+    """The plain store API: `with fisherstore.open(..., group=g)`; rank 1 raises inside after one flush."""
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+        group = fisherstore.RankGroup.from_torch()
+        outcome = None
+        try:
+            with fisherstore.open(path, mode="w", group=group, decay=BETA) as s:
+                for name in ("a", "b"):  # rank 0 owns "a", rank 1 owns "b" (round robin)
+                    s.create("t", name, (4, 3))
+                s.update("t", {n: torch.full((4, 3), 1.0) for n in ("a", "b") if s.owns("t", n)})
+                s.flush()
+                s.update("t", {n: torch.full((4, 3), 2.0) for n in ("a", "b") if s.owns("t", n)})  # never committed
+                if rank == 1:
+                    raise ValueError("rank 1's own bug, inside the store's with block")
+                s.flush()
+        except BaseException as e:
+            outcome = (type(e).__name__, str(e), getattr(e, "rank", "-"), isinstance(e, fisherstore.RankFailedError))
+        conn.send(("done", outcome, 0.0))
+    except BaseException as e:
+        import traceback
+
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}", 0.0))
+
+
+def test_the_plain_store_api_leaves_the_group_on_an_error_too(tmp_path):
+    _, out = run_ranks(tmp_path, {"rank1": "raise"}, target=store_worker)
+    assert out[1][1][:2] == ("ValueError", "rank 1's own bug, inside the store's with block")
+    name, msg, rank, is_failed = out[0][1]
+    assert is_failed and rank == 1 and "rank 1" in msg, out[0]
+    with fisherstore.open(str(tmp_path / "store"), mode="r") as r:  # at the one commit, step 1: x = 1 everywhere
+        assert r.step("t") == 1
+        for n in ("a", "b"):
+            assert torch.allclose(r.read("t", n), torch.ones(4, 3))
