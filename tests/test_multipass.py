@@ -231,3 +231,26 @@ def test_everything_fits_one_pass_and_the_bar_shows_passes(tmp_path, capsys):
     run = FisherCollector(params="all", micro_batch_size=2).collect_fisher_dataset(model, _batches(2), progress=False)
     assert run.passes == 1 and run.steps == 2
     fc.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.parametrize("ratio", [2, 3, 4])
+def test_passes_are_within_one_of_state_over_budget(tmp_path, arch, ratio):
+    """⌈S/B⌉ passes, at most one more: the fold's buffers come out of the accumulators it frees."""
+    model = tiny_model(arch)
+    budget = STATE // ratio
+    fc = _collector(tmp_path / "s", budget)
+    run = fc.collect_fisher_dataset(model, _batches(2), task="a", progress=False)
+    assert run.state_bytes == STATE
+    assert ratio <= run.passes <= ratio + 1, (run.passes, run.groups)
+    fc.close()
+
+
+def test_fold_headroom_counts_what_earlier_folds_freed():
+    from fisherstore.collect.multipass import fold_headroom
+
+    # one parameter: its whole chunk; several: the smallest ones go first and free room for the big chunk
+    assert fold_headroom([(100, 40)], per_chunk=2) == 80
+    assert fold_headroom([(10, 1), (10, 1), (100, 40)], per_chunk=2) == 80 - 20
+    assert fold_headroom([(50, 1), (50, 1), (50, 1), (100, 40)], per_chunk=1) == 1
+    assert fold_headroom([], per_chunk=2) == 0

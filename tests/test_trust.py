@@ -754,15 +754,19 @@ def test_creating_many_parameters_writes_no_document_until_the_flush(tmp_path):
 # -- siblings found on the way ------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", DISK)
 def test_parameters_keep_their_creation_order_across_a_reopen(tmp_path, backend):
-    # Round-robin rank ownership and the resident set follow creation order: a reopened
-    # store that listed parameters sorted would hand them to other ranks and other budgets.
+    # Round-robin rank ownership and the order of a step's updates follow creation order: a
+    # reopened store that listed parameters sorted would hand them to other ranks and, since
+    # a step admits parameters to the resident set as it first feeds them, to other budgets.
     names = ["z.w", "a.w", "m.w"]
+    grads = {n: torch.ones(128, 384) for n in names}
     with fisherstore.open(tmp_path / "s", mode="w", backend=backend, memory_budget=1 << 20) as s:
         for n in names:
-            s.create("t", n, (128, 384))  # 192 KiB each: two fit the 768 KiB resident set, the third streams
+            s.create("t", n, (128, 384))  # 192 KiB each, copied (not donated): two fit 1 MiB, the third streams
+        s.update("t", grads)
         resident = [s.param("t", n).resident for n in names]
     with fisherstore.open(tmp_path / "s", mode="a", backend=backend, memory_budget=1 << 20) as s:
         assert s.params("t") == names
+        s.update("t", {n: grads[n] for n in s.params("t")})
         assert [s.param("t", n).resident for n in names] == resident == [True, True, False]
 
 

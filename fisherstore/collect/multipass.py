@@ -48,7 +48,7 @@ from ..spec.layout import ParamLayout
 from .batches import changed_keys, fingerprint, take_rows
 from .step_loop import Collecting, StepRun
 
-__all__ = ["DatasetRun", "plan_passes", "collect_dataset", "Replayable"]
+__all__ = ["DatasetRun", "plan_passes", "fold_headroom", "collect_dataset", "Replayable"]
 
 
 class MultiPassCollector(Collecting, Protocol):
@@ -85,29 +85,60 @@ class DatasetRun:
         return max(1, math.ceil(self.state_bytes / max(1, self.capacity_bytes)))
 
 
-def plan_passes(sizes: list[tuple[str, int]], host: int, device: int) -> tuple[list[list[str]], dict[str, str],
-                                                                              list[str]]:
+def fold_headroom(items: list[tuple[int, int]], per_chunk: int) -> int:
+    """Host bytes a pass's end-of-pass fold needs beyond its accumulators: ``items`` are its host (bytes, chunk bytes).
+
+    The fold writes the accumulators in ascending order of chunk size, one parameter at a time,
+    each freed once written (:meth:`fisherstore.engine.generations.WritePath.fold`): while
+    parameter ``m`` is written, ``per_chunk × c_m`` bytes of I/O buffers are held and the
+    accumulators before it are gone. So the headroom is ``max_m(per_chunk·c_m − Σ_{j<m} n_j)``:
+    a chunk of the smallest parameters where a pass has several, instead of ``per_chunk`` of
+    the largest chunk for every pass.
+    """
+    need, freed = 0, 0
+    for n, chunk in sorted(items, key=lambda it: it[1]):
+        need = max(need, per_chunk * chunk - freed)
+        freed += n
+    return need
+
+
+def plan_passes(sizes: list[tuple[str, int]], host: int, device: int, chunks: dict[str, int] | None = None,
+                per_chunk: int = 0) -> tuple[list[list[str]], dict[str, str], list[str]]:
     """Pack parameters (name, accumulator bytes) into passes of ``device`` + ``host`` bytes, first fit decreasing.
 
+    With ``chunks`` (name -> bytes of its chunk) and ``per_chunk`` (chunk buffers the fold holds
+    per parameter in flight), a host side must also leave :func:`fold_headroom`.
     Returns the parameters of each pass (each in the given order), where each name goes (``"device"`` or
     ``"host"``) and the names too large for either alone, which join the last pass streamed.
     """
-    bins: list[list[Any]] = []  # [device left, host left, names]
+    chunk_of = chunks or {}
+
+    def host_fits(b: list[Any], name: str, cost: int) -> bool:
+        if cost > b[1]:
+            return False
+        if not per_chunk:
+            return True
+        items = [(c, chunk_of.get(n, 0)) for n, c in b[3]] + [(cost, chunk_of.get(name, 0))]
+        return sum(c for c, _ in items) + fold_headroom(items, per_chunk) <= host
+
+    bins: list[list[Any]] = []  # [device left, host left, names, host items]
     where: dict[str, str] = {}
     oversized = []
     for name, cost in sorted(sizes, key=lambda s: -s[1]):
-        if cost > max(host, device):
+        if cost > device and not host_fits([device, host, [], []], name, cost):
             oversized.append(name)
             continue
         for b in bins:
-            if cost <= b[0] or cost <= b[1]:
+            if cost <= b[0] or host_fits(b, name, cost):
                 break
         else:
-            b = [device, host, []]
+            b = [device, host, [], []]
             bins.append(b)
         side = 0 if cost <= b[0] else 1
         b[side] -= cost
         b[2].append(name)
+        if side:
+            b[3].append((name, cost))
         where[name] = ("device", "host")[side]
     order = {name: i for i, (name, _) in enumerate(sizes)}
     passes = sorted((sorted(b[2], key=order.__getitem__) for b in bins), key=lambda g: order[g[0]])
@@ -175,7 +206,7 @@ def collect_dataset(fc: MultiPassCollector, model: nn.Module, batches: Any, task
         if device.type == "cuda" and store.device_budget is None:
             dev = max(0, dev - _activation_bytes(fc, model, source, task, order, layouts))
         sizes = [(n, replay.copies * t.params[n].nbytes) for n in order]
-        passes, where, streamed = plan_passes(sizes, host, dev)
+        passes, where, streamed = plan_passes(sizes, host, dev, replay.chunk_bytes, replay.per_chunk)
         run = DatasetRun(len(passes), passes, streamed, 0, 0, sum(s for _, s in sizes), host + dev)
         _run_passes(fc, model, source, task, layouts, replay, run, where, device, progress)
         replay.finish()

@@ -74,6 +74,9 @@ class ParamState:
     a_last: int | None = None  # None: the accumulator holds nothing
     spare: torch.Tensor | None = None  # the accumulator's twin: a step fills it, then the two swap
     resident: bool = False
+    # Its residency reserves one buffer for a step's held input besides the accumulator, until a
+    # step holds a donated whole square instead (engine/memory.py, Residency)
+    held_copy: bool = True
     owned: bool = True  # False: another rank of the group writes it
     nonfinite_skipped: int = 0
     updates: int = 0

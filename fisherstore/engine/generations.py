@@ -87,6 +87,21 @@ class WritePath:
             return device
         return torch.device("cpu")
 
+    def admit(self, t: TaskState, p: ParamState, donated: bool) -> None:
+        """Decide, at the first step that feeds ``p`` since its last commit, whether it is resident.
+
+        Only then: a streamed parameter's state since the last commit is a working generation
+        on disk, which an accumulator would have to be folded into with other roundings than a
+        resident parameter's. At a step's first feed the caller's way of feeding is known:
+        ``donated`` (a whole square it hands over) costs one buffer, anything else two
+        (:class:`~fisherstore.engine.memory.Residency`). A multi-pass run places the
+        parameters of the task it replays itself.
+        """
+        if p.resident or not p.owned or p.work_gen is not None or self.replaying == t.name:
+            return
+        if self.residency.admit(p.nbytes, held_copy=not donated):
+            p.resident, p.held_copy = True, not donated
+
     def unplace(self, task: str, p: ParamState) -> None:
         """Drop ``p``'s accumulator buffers (holding nothing unflushed) and any device reservation."""
         held = self.on_device.pop((task, p.name), None)
@@ -117,9 +132,14 @@ class WritePath:
             F.add_(host_tensor(x), alpha=alpha)
         self.backend.write(p.gen_key(dst), region, F.numpy())
 
-    def fold(self, t: TaskState, bar: Any, names: Iterable[str] | None = None, slab: int | None = None) -> dict[str, int]:
+    def fold(self, t: TaskState, bar: Any, names: Iterable[str] | None = None, slab: int | None = None,
+             free: bool = False) -> dict[str, int]:
         """Write every resident accumulator of ``t`` (or of ``names``) into a new generation: ``F' = β^k·F + A``.
 
+        ``free``: write ``names`` one at a time in the order given, and drop each accumulator
+        once it is written, so the fold's I/O buffers come out of the
+        memory the accumulators before it freed (a multi-pass run: its accumulators are
+        spent by the fold; :func:`fisherstore.collect.multipass.fold_headroom`).
         Returns ``{param: new generation}``; on failure deletes what it wrote and raises.
         """
         written: dict[str, int] = {}
@@ -133,9 +153,12 @@ class WritePath:
                 src, src_t = p.latest()
                 self.create_generation(p, new)
                 written[p.name] = new
-                for region in iter_slabs(p.shape, p.chunks, slab or self.plan.slab_target):
-                    futures.append(self.pool.submit(region_nbytes(region), self._fold_slab, t.name, p, src, new,
-                                                    region, p.a_last - src_t, bar))
+                mine = [self.pool.submit(region_nbytes(region), self._fold_slab, t.name, p, src, new, region,
+                                         p.a_last - src_t, bar)
+                        for region in iter_slabs(p.shape, p.chunks, slab or self.plan.slab_target)]
+                futures += mine
+                if free:  # written whole before the next starts: its accumulator's memory is theirs
+                    self._written_free(p, mine)
             exc = wait_all(futures)
             if exc is not None:
                 raise exc
@@ -145,13 +168,21 @@ class WritePath:
             raise
         return written
 
-    def fold_to_work(self, t: TaskState, names: Iterable[str], slab: int | None = None) -> dict[str, int]:
+    @staticmethod
+    def _written_free(p: ParamState, futures: list[Future]) -> None:
+        exc = wait_all(futures)
+        if exc is not None:
+            raise exc
+        p.acc = None  # a_last stays until fold_to_work marks the accumulator spent
+
+    def fold_to_work(self, t: TaskState, names: Iterable[str], slab: int | None = None,
+                     free: bool = False) -> dict[str, int]:
         """Fold ``names``' accumulators into new **uncommitted** generations, as a streamed step leaves them.
 
         The next flush commits them with the task; until then a crash loses them. Used by a
         multi-pass run at the end of each pass (:mod:`fisherstore.engine.replay`).
         """
-        written = self.fold(t, NoBar(), names, slab)
+        written = self.fold(t, NoBar(), names, slab, free)
         with self.lock:
             for name, gen in written.items():
                 p = t.params[name]

@@ -39,11 +39,21 @@ _END = object()
 
 
 class IOPool:
-    """A thread pool whose queued work holds at most ``queue_bytes`` (beyond one task)."""
+    """A thread pool whose queued work holds at most ``queue_bytes`` (beyond one task).
 
-    def __init__(self, workers: int, queue_bytes: int) -> None:
+    ``queue_bytes`` is a number, or a callable read at each submit (the store's
+    :meth:`~fisherstore.engine.memory.Residency.queue_bound`).
+    """
+
+    @property
+    def queue_bytes(self) -> int:
+        """The bound now."""
+        return self._bound()
+
+    def __init__(self, workers: int, queue_bytes: int | Callable[[], int]) -> None:
         self.workers = max(0, workers)
-        self.queue_bytes = queue_bytes
+        # A callable bound follows the memory plan: what the resident set leaves is the queue's.
+        self._bound = queue_bytes if callable(queue_bytes) else (lambda: queue_bytes)
         self._ex: ThreadPoolExecutor | None = None
         self._cv = threading.Condition()
         self._held = 0
@@ -60,7 +70,7 @@ class IOPool:
                 fut.set_exception(e)
             return fut
         with self._cv:
-            while self._held > 0 and self._held + nbytes > self.queue_bytes:
+            while self._held > 0 and self._held + nbytes > self._bound():
                 self._cv.wait()
             self._held += nbytes
             self.peak_held = max(self.peak_held, self._held)

@@ -1,9 +1,9 @@
 """How a memory budget is spent: the memory plan, which parameters stay resident, and the heap.
 
 * :class:`MemoryPlan` splits ``memory_budget`` into I/O buffers (slabs in flight on the
-  workers), a queue of squared gradients waiting to be streamed, and the **fixed resident
-  set**, whose parameters accumulate steps in RAM and fold on flush (docs/design.md,
-  "Memory").
+  workers) and the **fixed resident set**, whose parameters accumulate steps in RAM and
+  fold on flush; what the resident set leaves over queues squared gradients waiting to be
+  streamed (docs/design.md, "Memory"; docs/architecture.md, "The memory plan").
 * :class:`Residency` owns the byte counts: it decides, once per parameter, whether it is
   resident, whether a resident parameter whose gradients arrive on a GPU keeps its
   accumulator there (within ``device_budget``, by default the device's free memory less a
@@ -18,6 +18,7 @@ Usage::
     plan = MemoryPlan.from_budget(1 << 30)
     res = Residency(plan, device_budget=None)    # None: from free device memory
     res.admit(4 << 20)                           # True: a 4 MiB parameter joins the resident set
+    IOPool(plan.workers, res.queue_bound)        # the queue takes what the resident set leaves
 """
 
 from __future__ import annotations
@@ -52,11 +53,20 @@ class MemoryPlan:
     """How a memory budget is spent.
 
     ``io_bytes`` (``workers`` × 3 slabs: the read buffer, the codec's copy and the
-    caller's slice) + ``queue_bytes`` (squared gradients held for streaming) +
-    ``resident_bytes`` (accumulators and one step of staging for the resident set)
-    = ``total``. Below the floor of one chunk per buffer, the engine streams one chunk
-    at a time on one worker; that floor is the only thing a tiny budget cannot bound.
-    ``workers=0`` runs I/O inline (the RAM backend: a memory copy gains nothing from threads).
+    caller's slice) + ``queue_bytes`` (the floor of the queue of squared gradients held for
+    streaming: two slabs) + ``resident_bytes`` (the accumulators of the resident set, one
+    buffer each) = ``total``. The queue also takes what the resident set leaves unused, up
+    to a quarter of the budget (:meth:`Residency.queue_bound`), so a budget that holds most
+    of the state spends nearly all of itself on accumulators, and one that holds little
+    streams with a deeper queue.
+
+    Slabs are 1/64 of the budget (at most 16 MiB), so the I/O buffers take under a tenth of
+    it: at 1/16 (and at least 1 MiB) they took 37 % or more, and a budget of 1.25× the state
+    could not hold it. A slab never splits a chunk, so slabs smaller than a chunk mean one
+    chunk at a time per buffer.
+    Below the floor of one chunk per buffer, the engine streams one chunk at a time on one
+    worker; that floor is the only thing a tiny budget cannot bound. ``workers=0`` runs I/O
+    inline (the RAM backend: a memory copy gains nothing from threads).
     """
 
     total: int
@@ -70,11 +80,11 @@ class MemoryPlan:
     def from_budget(cls, total: int, workers: int = 2) -> MemoryPlan:
         if total < 0:
             raise InvalidArgumentError(f"memory_budget must be >= 0 bytes, got {total}")
-        slab = max(MIN_SLAB, min(MAX_SLAB, total // 16))
-        if total < 8 * MIN_SLAB:  # tiny budgets: one worker, chunk-sized slabs
+        slab = min(MAX_SLAB, total // 64)
+        if total < 16 * MIN_SLAB:  # tiny budgets: one worker, chunk-sized slabs
             workers, slab = min(workers, 1), 0
         io = max(workers, 1) * 3 * slab
-        queue_ = max(0, (total - io) // 4)
+        queue_ = min(max(0, total - io), 2 * slab)
         resident = max(0, total - io - queue_)
         return cls(total, workers, slab, io, queue_, resident)
 
@@ -87,7 +97,8 @@ class MemoryPlan:
         f = lambda n: f"{n / MiB:.0f} MiB"  # noqa: E731
         return (
             f"budget {f(self.total)}: {self.workers} I/O workers x 3 slabs of {f(self.slab_bytes)}, "
-            f"queue {f(self.queue_bytes)}, resident set {f(self.resident_bytes)}"
+            f"queue {f(self.queue_bytes)} and what the resident set leaves, resident set up to "
+            f"{f(self.resident_bytes)}"
         )
 
 
@@ -110,7 +121,13 @@ class Residency:
 
     The resident set is fixed when a parameter is created: the access pattern is cyclic
     (every parameter every step), where LRU eviction would thrash (docs/design.md). A resident
-    parameter costs its accumulator plus one step's staging, ``2 × nbytes``.
+    parameter costs its accumulator, ``nbytes``: a step holds its input (the squared gradient
+    the caller donates, summed over micro-batches) until the step is judged, then folds it
+    into the accumulator in place (:mod:`fisherstore.engine.step.fills`), so no twin is kept.
+    A parameter is admitted when a step first feeds it (:meth:`fisherstore.engine.generations.
+    WritePath.admit`), so its cost is known: a donated whole square is held as it is, anything
+    else is copied, which :meth:`admit` reserves as a second buffer (``held_copy``);
+    :meth:`take_copy` and :meth:`drop_copy` follow a caller that changes its mind.
 
     On a device, two things may take memory: accumulators (``admit_device``, within
     ``device_budget``; None means the device's free memory less a margin, measured the
@@ -130,17 +147,43 @@ class Residency:
         self._acc: dict[str, int] = {}  # device -> bytes reserved for accumulators
         self._staging: dict[str, int] = {}  # device -> bytes reserved for per-step sums
 
-    def admit(self, nbytes: int) -> bool:
-        """Whether a new parameter of ``nbytes`` joins the resident set (reserving its cost)."""
-        cost = 2 * nbytes
+    def admit(self, nbytes: int, held_copy: bool = True) -> bool:
+        """Whether a parameter of ``nbytes`` joins the resident set (reserving its accumulator, and a held copy)."""
+        cost = (2 if held_copy else 1) * nbytes
         if self.host_bytes + cost > self.plan.resident_bytes:
             return False
         self.host_bytes += cost
         return True
 
-    def release(self, nbytes: int) -> None:
-        """Give back what :meth:`admit` reserved for a parameter of ``nbytes``."""
-        self.host_bytes = max(0, self.host_bytes - 2 * nbytes)
+    def release(self, nbytes: int, held_copy: bool = True) -> None:
+        """Give back what :meth:`admit` reserved for a parameter of ``nbytes`` (its held copy too, if still reserved)."""
+        self.host_bytes = max(0, self.host_bytes - (2 if held_copy else 1) * nbytes)
+
+    def drop_copy(self, nbytes: int) -> None:
+        """A resident parameter's steps come donated: its held copy is not needed."""
+        self.host_bytes = max(0, self.host_bytes - nbytes)
+
+    def take_copy(self, nbytes: int) -> None:
+        """A resident parameter's step must be copied (the caller keeps its tensor): reserve the copy again.
+
+        It is taken even past the plan, since the parameter's accumulator already holds
+        unflushed steps; :meth:`queue_bound` shrinks by as much.
+        """
+        self.host_bytes += nbytes
+
+    @property
+    def free_bytes(self) -> int:
+        """Resident-set bytes not reserved."""
+        return max(0, self.plan.resident_bytes - self.host_bytes)
+
+    def queue_bound(self) -> int:
+        """Bytes the I/O queue may hold now: its floor plus what the resident set leaves unused, up to a quarter.
+
+        A deeper queue than a quarter of the budget buys no speed (the disk, not the queue,
+        bounds streaming) and only raises peak RSS by the buffers each queued write allocates.
+        """
+        deep = max(0, (self.plan.total - self.plan.io_bytes) // 4 - self.plan.queue_bytes)
+        return self.plan.queue_bytes + min(self.free_bytes, deep)
 
     def room(self, device: torch.device) -> int:
         """Bytes fisherstore may take on ``device`` (measured once, at first use)."""

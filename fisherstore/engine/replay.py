@@ -9,9 +9,12 @@ the run's one flush; :meth:`Replay.abort` puts the RAM state back where the run 
 (the last commit) and deletes what the run wrote, so an interrupted run leaves the store
 at its last commit, in this process and on disk (recovery deletes uncommitted generations).
 
-While it replays, the write path adds into the accumulators in place (``in_place``: the
-run is discarded whole on failure, so no step needs a twin) unless ``nonfinite="skip"``
-needs twins to drop one parameter's step, and the store's automatic flushes wait.
+While it replays, a step holds its inputs and folds them into the accumulators in place
+once judged, as every step does (:mod:`fisherstore.engine.step.fills`): one buffer per
+parameter. Only gradients that cross from a GPU into host accumulators fill the
+accumulator as they land (``in_place``: the run is discarded whole on failure), or a twin
+where ``nonfinite="skip"`` must be able to drop one parameter's step. The store's
+automatic flushes wait.
 
 Usage::
 
@@ -45,32 +48,38 @@ class Replay:
             raise StepError(f"parameters {dirty[:3]} of task {t.name!r} hold unflushed steps; flush() before a "
                             "multi-pass run, which starts from a commit")
         self.path, self.t, self.names = path, t, list(names)
-        self.copies = 1 if in_place else 2
+        self.in_place = in_place
+        self.copies = 1  # buffers per accumulator; 2 for CUDA gradients into host twins (capacity() says)
         self.t0, self.tok0 = t.step, t.tokens_seen
         self._info, self._changed = copy.deepcopy(t.info), t.changed
         self._counters = {n: (t.params[n].updates, t.params[n].nonfinite_skipped) for n in names}
-        self._was_resident = [n for n in names if t.params[n].resident]
         self._device: dict[str, torch.device] = {}
         self._host = 0
         self.ends: list[tuple[int, int]] = []
-        chunk = max((4 * _prod(t.params[n].chunks) for n in names), default=0)
-        largest = max((t.params[n].nbytes for n in names), default=0)
-        # The end-of-pass folds write one chunk per task: each worker then holds a chunk it read and
-        # the codec's copy of the chunk it writes (the accumulator is folded in place, not copied).
-        self.slab = chunk or MIN_SLAB
-        self.fold_bytes = max(1, path.plan.workers) * 2 * min(self.slab, largest)
+        #: bytes of one chunk of each parameter: the end-of-pass folds write one chunk per task
+        self.chunk_bytes = {n: min(4 * _prod(t.params[n].chunks), t.params[n].nbytes) for n in names}
+        self.slab = max(self.chunk_bytes.values(), default=0) or MIN_SLAB
+        # Each worker then holds a chunk it read and the codec's copy of the chunk it writes (the
+        # accumulator is folded in place, not copied); with no generation on disk yet (a new task)
+        # there is nothing to read, only the copy. multipass.fold_headroom turns this into bytes.
+        reads = any(t.params[n].latest()[0] is not None for n in names)
+        self.per_chunk = max(1, path.plan.workers) * (2 if reads else 1)
         with path.lock:
             for n in names:  # the run owns these parameters' residency until it ends
                 p = t.params[n]
                 path.unplace(t.name, p)
                 if p.resident:
-                    path.residency.release(p.nbytes)
+                    path.residency.release(p.nbytes, p.held_copy)
                     p.resident = False
             path.replaying, path.in_place = t.name, in_place
 
     def capacity(self, device: torch.device) -> tuple[int, int]:
-        """Accumulator bytes the run may fill: (host memory, ``device``) after the folds' slabs."""
-        host = max(0, self.path.plan.total - self.fold_bytes - self.path.residency.host_bytes)
+        """Accumulator bytes the run may fill: (host memory, ``device``) after the folds' slabs.
+
+        Sets :attr:`copies`: 2 only where CUDA gradients fill host twins (``nonfinite="skip"``).
+        """
+        self.copies = 2 if device.type == "cuda" and not self.in_place else 1
+        host = max(0, self.path.plan.total - self.path.residency.host_bytes)
         dev = self.path.residency.device_left(device) if device.type != "cpu" else 0
         return host, dev
 
@@ -97,7 +106,8 @@ class Replay:
         """Write the pass's accumulators once (uncommitted) and free them for the next pass."""
         t = self.t
         self.ends.append((t.step, t.tokens_seen))
-        self.path.fold_to_work(t, [n for n in names if t.params[n].a_last is not None], self.slab)
+        fed = sorted((n for n in names if t.params[n].a_last is not None), key=self.chunk_bytes.__getitem__)
+        self.path.fold_to_work(t, fed, self.slab, free=True)  # smallest chunks first, each freed once written
         with self.path.lock:
             for n in names:
                 self._evict(n)
@@ -144,9 +154,7 @@ class Replay:
         for n in self.names:
             if self.t.params[n].resident:
                 self._evict(n)
-        for n in self._was_resident:  # as a fresh open would place them, in creation order
-            p = self.t.params[n]
-            p.resident = self.path.residency.admit(p.nbytes)
+        # The parameters are decided again at the first step after the run's commit (WritePath.admit).
         self.path.replaying, self.path.in_place = None, False
 
 

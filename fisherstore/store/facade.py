@@ -90,7 +90,8 @@ class FisherStore(WriteMethods, ReadMethods, SampleMethods):
         self._catalog = Catalog()
         self._state_lock = threading.RLock()
         self._residency = Residency(self.plan, opts.device_budget)
-        self._pool = IOPool(self.plan.workers, self.plan.queue_bytes)  # its workers trim the heap after slabs
+        # its workers trim the heap after slabs; its queue takes what the resident set leaves
+        self._pool = IOPool(self.plan.workers, self._residency.queue_bound)
         self._active: StepWriter | None = None
         self._steps_since_flush = 0
         self._lock: StoreLock | None = None
@@ -139,11 +140,11 @@ class FisherStore(WriteMethods, ReadMethods, SampleMethods):
         return t
 
     def _place(self, p: ParamState, index: int) -> None:
-        """Who writes ``p`` (a rank of the group), and whether it stays resident."""
+        """Who writes ``p`` (a rank of the group)."""
         p.owned = self._group.owner_of(p.name, index) == self._group.rank
         p.gen_base = self._number_base
-        if p.owned and self.writable:
-            p.resident = self._residency.admit(p.nbytes)
+        # Whether it stays resident is decided when a step first feeds it (WritePath.admit),
+        # where the cost of what the caller feeds is known.
 
     def _reload(self, task: str) -> bool:
         """Reload ``task`` from its manifest if a writer committed since; True if it changed (readers only)."""
@@ -236,6 +237,13 @@ class FisherStore(WriteMethods, ReadMethods, SampleMethods):
         doc="Steps between automatic flushes (None: off; off too while a multi-pass run replays a task, which "
             "writes once at its end).")
     memory_budget = property(lambda self: self.plan.total, doc="Bytes of RAM the store may hold.")
+
+    def memory_reserved(self) -> int:
+        """Bytes of host memory the resident set reserves now: one buffer per resident accumulator, plus a
+        held copy for each parameter whose steps were not donated (docs/architecture.md, "The memory plan").
+        Usage: ``store.memory_reserved() / store.memory_budget``.
+        """
+        return self._residency.host_bytes
     device_budget = property(lambda self: self.options.device_budget,
                              doc="Bytes of GPU memory for accumulators (None: the device's free memory less a margin).")
     writable = property(lambda self: self.options.writable, doc="Whether the store was opened for writing.")

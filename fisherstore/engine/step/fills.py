@@ -1,23 +1,31 @@
-"""The resident side of one EMA step: where each resident parameter's new accumulator is built.
+"""The resident side of one EMA step: how each resident parameter's accumulator takes the step.
 
-For each resident parameter a step feeds, :class:`Fills` keeps a target: the accumulator's
-twin (swapped in when the step is applied, so a discarded step leaves the accumulator
-untouched), or, while a multi-pass run replays the task, the accumulator itself. Inputs
-reach it three ways, none of which makes the caller wait for a device:
+A step must be applied whole or not at all (a NaN in the last parameter discards the
+first). For each resident parameter a step feeds, :class:`Fills` therefore **holds** the
+step's input until the step is judged, then folds it into the accumulator in place
+(``acc = β^Δ·acc + α·Σx``, :meth:`Fills.apply`). What it holds is the squared gradient
+the caller donates (the collector's square of the gradient autograd just produced, which
+a plain backward would hold as ``.grad`` anyway), with later micro-batches of the step
+summed into it; a caller that does not donate pays one copy. So a resident parameter
+costs one buffer of the budget, not two: the twin that an earlier design filled and
+swapped in held half of every budget.
 
-* on the same device: ``target = β^Δ·acc + α·x`` chunk run by chunk run, at once;
-* CUDA inputs for a host accumulator: summed on the device over the step's micro-batches
-  where the sums fit (one crossing of PCIe per step, started by the last micro-batch),
-  else each one, copied on a side stream and added by the stager's host thread as its
-  piece lands (:class:`~fisherstore.engine.staging.DeviceStager`);
+The exception is a CUDA input bound for an accumulator in host memory. Its crossing
+overlaps backward, piece by piece, so it fills a **twin** (swapped in when the step is
+applied), or while a multi-pass run replays the task, the accumulator itself:
+
+* summed on the device over the step's micro-batches where the sums fit (one crossing of
+  PCIe per step, started by the last micro-batch), else each one, copied on a side stream
+  and added by the stager's host thread as its piece lands
+  (:class:`~fisherstore.engine.staging.DeviceStager`);
 * CUDA inputs the caller keeps: copied on the caller's stream, added when the step settles.
 
 Usage (from :class:`~fisherstore.engine.step.StepWriter`)::
 
     fills = Fills(path, task_state, t)
     fills.add(p, region, x, alpha, donate=True, final=False, trusted=True)
-    fills.complete(checks)       # at settle: sends, waits, decays what the step did not feed
-    fills.apply()                # the step is applied
+    fills.complete(checks)       # at settle: sends, waits, watches what the step holds
+    fills.apply()                # the step is judged good: fold it into the accumulators
 """
 
 from __future__ import annotations
@@ -52,15 +60,20 @@ __all__ = ["Fills"]
 
 @dataclass
 class _Fill:
-    """A resident parameter's accumulator for this step, filled in its twin buffer (or in place).
+    """A resident parameter's share of this step: held until judged, or filled in a twin (or in place).
 
-    ``target[c] = β^Δ·acc[c] + Σ (1-β)/T·x`` for each chunk ``c`` the step feeds; the rest
-    is decayed when the step settles.
+    Held (``target`` None): ``held`` is Σx over the step, on the accumulator's device
+    (``device``); :meth:`Fills.apply` folds ``acc = β^Δ·acc + α·held``. Twin: ``target[c] =
+    β^Δ·acc[c] + Σ (1-β)/T·x`` for each chunk ``c`` the step feeds; the rest is decayed when
+    the step settles.
     """
 
-    target: torch.Tensor
+    target: torch.Tensor | None
     covered: np.ndarray  # chunks along the split axis already in `target`
     factor: float  # β^(t - a_last); 0 when the accumulator holds nothing yet
+    device: torch.device = torch.device("cpu")  # where the accumulator lives (or will)
+    held: torch.Tensor | None = None  # the step's Σx, ours, folded when the step is applied
+    held_alpha: float = 0.0
     host: list[tuple[Region, HostCopy, float]] = field(default_factory=list)  # device inputs copied on their stream
     pending: torch.Tensor | None = None  # this step's micro-batches summed on their device, not yet sent
     pending_alpha: float = 0.0
@@ -79,30 +92,70 @@ class Fills:
             trusted: bool) -> None:
         fill = self._fill(p, x.device)
         fill.trusted = fill.trusted or trusted
-        if self.path.stages(x, fill.target):
+        if fill.target is None:
+            self._hold(p, fill, region, x, alpha, donate)
+        elif self.path.stages(x, fill.target):
             self._to_host(p, fill, region, x, alpha, donate, final)
-        else:  # same device (or a device without a stager, copied here)
+        else:  # a replay's accumulator on another device than a non-CUDA input: copied here
             self._accumulate(p, fill, region, x.to(fill.target.device), alpha)
 
     def _fill(self, p: ParamState, device: torch.device) -> _Fill:
         fill = self.by_name.get(p.name)
         if fill is None:
-            in_place = self.path.in_place and self.path.replaying == self.task
-            if p.acc is None and (in_place or p.spare is None):
-                where = self.path.place(self.task, p, device)
-            else:
-                where = (p.acc if p.acc is not None else p.spare).device
-            if in_place:
-                if p.acc is None:
-                    p.acc = torch.empty(p.shape, dtype=torch.float32, device=where)
-                target = p.acc
-            else:
-                if p.spare is None:
-                    p.spare = torch.empty(p.shape, dtype=torch.float32, device=where)
-                target = p.spare
+            have = p.acc if p.acc is not None else p.spare
+            where = have.device if have is not None else self.path.place(self.task, p, device, copies=1)
             factor = 0.0 if p.a_last is None else decay_factor(p.decay, self.t - p.a_last)
-            fill = self.by_name[p.name] = _Fill(target, np.zeros(axis_chunk_count(p.shape, p.chunks), dtype=bool), factor)
+            covered = np.zeros(axis_chunk_count(p.shape, p.chunks), dtype=bool)
+            target = None
+            if device.type == "cuda" and where.type == "cpu":  # a crossing that overlaps backward: a twin
+                if self.path.in_place and self.path.replaying == self.task:
+                    if p.acc is None:
+                        p.acc = torch.empty(p.shape, dtype=torch.float32, device=where)
+                    target = p.acc
+                else:
+                    if p.spare is None:
+                        p.spare = torch.empty(p.shape, dtype=torch.float32, device=where)
+                    target = p.spare
+            fill = self.by_name[p.name] = _Fill(target, covered, factor, where)
         return fill
+
+    def _hold(self, p: ParamState, fill: _Fill, region: Region, x: torch.Tensor, alpha: float, donate: bool) -> None:
+        """Keep ``x`` for the fold (the step's first, whole and donated input is kept as it is; no copy)."""
+        moved = x.device != fill.device
+        x = x.to(fill.device)
+        fill.held_alpha = alpha
+        if fill.held is None:
+            whole = region == full_region(p.shape) and x.dtype == torch.float32 and x.is_contiguous()
+            if whole and (donate or moved):  # ours: kept as it is
+                self._copies(p, fill, False)
+                fill.held = x
+                return
+            self._copies(p, fill, True)
+            if whole:
+                fill.held = x.clone()
+                return
+            fill.held = torch.zeros(p.shape, dtype=torch.float32, device=fill.device)
+        fill.held[region].add_(x)
+
+    def _copies(self, p: ParamState, fill: _Fill, needed: bool) -> None:
+        """Keep the residency's reservation of a held copy for ``p`` in step with what its steps need.
+
+        A multi-pass run counts its own accumulators (:mod:`fisherstore.engine.replay`), and a
+        device accumulator is counted on its device: neither is in the host reservation.
+        """
+        if self.path.replaying == self.task or fill.device.type != "cpu":
+            return
+        if needed != p.held_copy:
+            if needed:
+                self.path.residency.take_copy(p.nbytes)
+            else:
+                self.path.residency.drop_copy(p.nbytes)
+            p.held_copy = needed
+
+    def undoable(self, name: str) -> bool:
+        """Whether ``name``'s share of this step can still be dropped (False once added into the accumulator)."""
+        fill = self.by_name.get(name)
+        return fill is None or fill.target is None or fill.target is not self.task_state.params[name].acc
 
     def _accumulate(self, p: ParamState, fill: _Fill, region: Region, x: torch.Tensor | None, alpha: float) -> None:
         """``target = β^Δ·acc + alpha·x`` over ``region`` (``+= alpha·x`` where the step already wrote).
@@ -179,6 +232,10 @@ class Fills:
             stager.drain()
         for name, fill in self.by_name.items():
             p = self.task_state.params[name]
+            if fill.target is None:  # held: its values are judged before anything touches the accumulator
+                if fill.trusted and fill.held is not None:
+                    checks.watch_total(name, fill.held)
+                continue
             for region, copy, alpha in fill.host:
                 self._accumulate(p, fill, region, copy.get(), alpha)
             if not fill.covered.all():
@@ -196,9 +253,26 @@ class Fills:
         self.by_name.clear()
 
     def apply(self) -> None:
-        """The step is applied: each filled twin becomes its accumulator."""
+        """The step is applied: each held input is folded into its accumulator, each filled twin swapped in."""
         for name, fill in self.by_name.items():
             p = self.task_state.params[name]
-            if fill.target is not p.acc:
+            if fill.target is None:
+                _fold(p, fill)
+            elif fill.target is not p.acc:
                 p.acc, p.spare = fill.target, p.acc
             p.a_last = self.t
+
+
+def _fold(p: ParamState, fill: _Fill) -> None:
+    """``acc = β^Δ·acc + α·held`` in place (the same two roundings as the twin's ``β^Δ·acc``, then ``+ α·x``)."""
+    if fill.held is None:
+        return
+    if p.acc is None or fill.factor == 0.0:
+        if p.acc is None:
+            p.acc = torch.empty(p.shape, dtype=torch.float32, device=fill.device)
+        torch.mul(fill.held, fill.held_alpha, out=p.acc)
+    else:
+        if fill.factor != 1.0:
+            p.acc.mul_(fill.factor)
+        p.acc.add_(fill.held, alpha=fill.held_alpha)
+    fill.held = None

@@ -31,6 +31,7 @@ from ...spec.regions import (
     axis_chunk_count,
     chunk_run,
     chunk_span,
+    full_region,
     iter_slabs,
     offset_region,
     origin,
@@ -116,6 +117,7 @@ class StepWriter(Transaction):
             )
         region = aligned_region(region, p.shape, p.chunks, p.name)
         x = prepare_grad_sq(grad_sq, name, region_shape(region))
+        self.path.admit(self.task_state, p, donated=donate and region == full_region(p.shape))
         if not (trusted and p.resident):
             bad = self.checks.watch(name, x)  # CPU: judged now; a device: read at settle
             if bad is not None:
@@ -216,7 +218,7 @@ class StepWriter(Transaction):
             if v.negative or self.path.nonfinite == "raise":
                 raise verdict_error(name, v, self.task_state.params[name].nbytes // 4)
         for name in bad:
-            if self.path.in_place and self.path.replaying == self.task and name in self.fills.by_name:
+            if not self.fills.undoable(name):
                 raise StepError(f"a skipped update of {name!r} cannot be undone in place; a multi-pass run with "
                                 "nonfinite='skip' fills twins")  # replay.py never lets this happen
             self.fills.drop(name)
