@@ -11,8 +11,8 @@ loss               models                                       targets
 =================  ===========================================  ===============================
 ``causal_lm``      decoder-only LMs (LLaMA, GPT-2, OPT, ...)    ``labels`` (default: input_ids,
                                                                 padding -100) shifted left by one
-``seq2seq_lm``     encoder-decoders (BART, T5, mBART, ...)      ``labels`` as given (required);
-                                                                HF builds the decoder inputs by
+``seq2seq_lm``     encoder-decoders (BART, T5, mBART, ...;      ``labels`` as given (required);
+                   Whisper: ``input_features``, no input_ids)   HF builds the decoder inputs by
                                                                 shifting them right
 ``masked_lm``      BERT, RoBERTa, ... (``*ForMaskedLM``)        ``labels`` as given (required):
                                                                 -100 except at masked positions
@@ -141,21 +141,39 @@ class CausalLM(TokenLoss):
 
 
 class Seq2SeqLM(TokenLoss):
-    """Encoder-decoder prediction: decoder position i predicts ``labels[:, i]`` (BART, T5, ...).
+    """Encoder-decoder prediction: decoder position i predicts ``labels[:, i]`` (BART, T5, Whisper, ...).
 
-    The model gets ``input_ids``, ``attention_mask`` and, when the batch has them,
-    ``decoder_input_ids`` / ``decoder_attention_mask``; otherwise it gets ``labels`` and
-    builds the decoder inputs itself by shifting them right. The labels are used unshifted.
+    The encoder reads ``input_ids`` (text) or ``input_features`` (audio: Whisper's
+    ``[batch, mel bins, frames]``); the model gets whichever the batch has, ``attention_mask``
+    and, when the batch has them, ``decoder_input_ids`` / ``decoder_attention_mask``;
+    otherwise it gets ``labels`` and builds the decoder inputs itself by shifting them right.
+    The labels are used unshifted, and only they count: T is the labels ≠ -100, whatever
+    the encoder read (audio frames are inputs, not predicted tokens).
     """
 
     name = "seq2seq_lm"
-    _inputs = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+    _inputs = ("input_ids", "input_features", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
 
     def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
         return _need(batch, "labels", self.name, "the decoder's target tokens, -100 where there are none")
 
     def logits(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-        _need(batch, "input_ids", self.name, "the encoder's input tokens")
+        if batch.get("input_features") is None and batch.get("input_ids") is None:
+            raise InvalidArgumentError(
+                f"the batch has neither 'input_ids' (a text encoder's tokens) nor 'input_features' (an audio "
+                f"encoder's, e.g. Whisper's log-mel frames), one of which the seq2seq_lm loss needs for the "
+                f"encoder; it has {sorted(batch)}. Add the encoder's input to the batch"
+            )
+        if batch.get("input_features") is None:
+            _need(batch, "input_ids", self.name, "the encoder's input tokens")
+        else:
+            feats = batch["input_features"]
+            if not isinstance(feats, torch.Tensor) or feats.ndim != 3:
+                raise InvalidArgumentError(
+                    "batch['input_features'] must be a [batch, features, frames] tensor for the seq2seq_lm loss "
+                    f"(Whisper: [batch, num_mel_bins, 2 * max_source_positions]), got {type(feats).__name__} of "
+                    f"shape {tuple(getattr(feats, 'shape', ()))}"
+                )
         kw = _model_inputs(batch, self._inputs)
         if "decoder_input_ids" not in kw:
             kw["labels"] = self.targets(batch)  # the model shifts them right into decoder inputs

@@ -113,3 +113,83 @@ def test_micro_batch_estimator_is_sum_of_micro_batch_squares_and_batch_estimator
     # the caller's own .grad (left over from the loop above) is neither used nor lost
     assert torch.equal(dict(model.named_parameters())[name].grad, grads[-1])
     assert all(p.requires_grad for p in model.parameters())
+
+
+# -- the fusions of issue 20 through a store and back ---------------------------------------------
+
+ROUND_TRIP = {  # arch: the parameters checked value by value (each fusion, and MLA's shared latent)
+    "falcon": ["transformer.h.1.self_attention.query_key_value.weight", "transformer.h.0.self_attention.dense.weight"],
+    "codegen": ["transformer.h.1.attn.qkv_proj.weight", "transformer.h.0.attn.out_proj.weight"],
+    "deepseek_v3": ["model.layers.1.self_attn.q_b_proj.weight", "model.layers.1.self_attn.kv_b_proj.weight",
+                    "model.layers.1.self_attn.o_proj.weight", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"],
+    "whisper": ["model.encoder.layers.1.self_attn.k_proj.weight", "model.decoder.layers.1.encoder_attn.v_proj.weight",
+                "model.decoder.layers.0.self_attn.out_proj.weight"],
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ROUND_TRIP))
+def test_new_fusions_round_trip_and_equal_a_hand_computed_ema(tmp_path, arch):
+    import fisherstore
+    from fisherstore.losses import causal_lm, seq2seq_lm
+    from tests.models import speech_batch
+    from tests.test_collector_semantics import _close, _hand_fisher, _shift_right
+
+    model = tiny_model(arch)
+    cfg = model.config
+    names = ROUND_TRIP[arch]
+    beta = 0.9
+    if arch == "whisper":
+        loss_fn = seq2seq_lm
+        batches = [speech_batch(n=4, tgt=5, model=model, seed=s) for s in range(2)]
+
+        def logits_of(part):  # decoder inputs shifted here, by hand
+            dec = _shift_right(part["labels"], cfg.decoder_start_token_id, cfg.pad_token_id)
+            return model(input_features=part["input_features"], decoder_input_ids=dec).logits
+    else:
+        loss_fn = causal_lm
+        batches = [token_batch(n=4, seq=7, seed=s) for s in range(2)]
+
+        def logits_of(part):  # next-token prediction, by hand: position i predicts i + 1
+            return model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits[:, :-1]
+
+    # by hand: x_t = Σ_micro-batch g² / T_t, F_t = β F_{t-1} + (1 - β) x_t, read back as F_t / (1 - β^t)
+    F = {n: 0 for n in names}
+    for b in batches:
+        hand = dict(b)
+        if arch != "whisper":
+            hand["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)[:, 1:]
+        x, _, _ = _hand_fisher(model, hand, names, 2, logits_of)
+        F = {n: beta * F[n] + (1 - beta) * x[n] for n in names}
+    want = {n: F[n] / (1 - beta ** len(batches)) for n in names}
+
+    layouts = fisherstore.layouts_from_model(model)
+    path = tmp_path / "s"
+    with FisherCollector(backend="zarr", path=path, micro_batch_size=2, ema_decay=beta, loss_fn=loss_fn,
+                         params=names) as fc:
+        for b in batches:
+            fc.collect_fisher(model, b, task="t")
+        for n in names:  # the group view sums each head block, whatever the fusion
+            lay = layouts[n]
+            if not lay.has_heads:
+                continue
+            groups = fc.get_group_fisher("t", n)
+            groups = {"head": groups} if isinstance(groups, torch.Tensor) else {k.split("|")[2]: v for k, v in groups.items()}
+            for b in lay.blocks:
+                key = "head" if len(lay.blocks) == 1 else f"head_{b.lower()}"
+                sums = torch.stack([want[n][lay.head_index(h, b, 2)].sum() for h, _ in lay.head_blocks(b)])
+                assert _close(groups[key], sums), (n, b)
+    with fisherstore.open(path, mode="r") as s:
+        for n in names:
+            lay = s.layout("t", n)
+            assert lay == layouts[n] and lay.to_dict() == layouts[n].to_dict(), n  # the layout reads back as written
+            got = s.fisher("t", n)
+            assert want[n].abs().max() > 0 and _close(got.load(), want[n]), (arch, n)
+            if lay.has_heads:
+                chunks = s.param("t", n).chunks
+                assert chunks[lay.head_axis] == lay.head_chunk()  # no chunk straddles two head blocks
+                for h, b in lay.head_blocks():
+                    assert _close(got.head(h, b), want[n][lay.head_index(h, b, 2)]), (n, h, b)
+    if arch == "deepseek_v3":  # MLA: K and V heads of kv_b_proj differ in size (4 and 6), so chunks are their gcd
+        kv = layouts["model.layers.1.self_attn.kv_b_proj.weight"]
+        assert [kv.head_range(1, b) for b in "KV"] == [(10, 14), (14, 20)] and kv.head_chunk() == 2
+        assert layouts["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"] == fisherstore.ParamLayout("latent")

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fisherstore import FisherCollector, InvalidArgumentError, LayoutError
+from fisherstore import FisherCollector, InvalidArgumentError
 from fisherstore.errors import StoredDecayWarning
 from fisherstore.losses import causal_lm, masked_lm, seq2seq_lm
-from tests.models import bert_layouts, masked_batch, seq2seq_batch, tiny_model, token_batch
+from tests.models import bert_layouts, masked_batch, seq2seq_batch, speech_batch, tiny_model, token_batch
 
 
 def _close(got, want, rtol=1e-4):
@@ -103,9 +103,44 @@ def test_masked_lm_collection_through_layouts_equals_hand_computation():
     g = fc.get_group_fisher("m", o, "head")
     F_o = fc.full_fisher("m", o)
     assert torch.allclose(g, torch.stack([F_o.head(h, "O").sum() for h in range(4)]), rtol=1e-5)
-    # without layouts= the unknown BERT attention is an error that names the fix
-    with pytest.raises(LayoutError, match=r"BertSelfAttention.*layouts="):
-        FisherCollector(loss_fn=masked_lm).collect_fisher(model, batch)
+    # without layouts= BERT's attention (self.query/key/value, output.dense) maps by itself, to the same
+    # layouts the hand-written ones say and the same values
+    auto = FisherCollector(micro_batch_size=2, loss_fn=masked_lm)
+    auto.collect_fisher(model, batch, task="m")
+    assert sorted(auto.store.params("m")) == sorted(layouts)
+    for n in layouts:
+        assert auto.store.layout("m", n) == layouts[n], n
+    for n in names:
+        assert _close(auto.full_fisher("m", n).load(), want[n]), n
+
+
+def test_whisper_seq2seq_lm_reads_input_features_and_counts_label_tokens():
+    model = tiny_model("whisper")
+    cfg = model.config
+    batch = speech_batch(n=4, tgt=5, model=model, seed=3)
+    names = ["model.encoder.layers.1.self_attn.q_proj.weight", "model.decoder.layers.0.self_attn.out_proj.weight",
+             "model.decoder.layers.1.encoder_attn.k_proj.weight"]
+
+    def logits_of(part):  # decoder inputs built here, by hand, not by the loss under test
+        dec = _shift_right(part["labels"], cfg.decoder_start_token_id, cfg.pad_token_id)
+        return model(input_features=part["input_features"], decoder_input_ids=dec).logits
+
+    want, _, T = _hand_fisher(model, batch, names, 2, logits_of)
+    assert T == 3 * 5 + 2  # labels only: the 8 x 16 audio frames of each row are inputs, not targets
+    assert seq2seq_lm.count_tokens(batch) == T
+    fc = FisherCollector(micro_batch_size=2, loss_fn=seq2seq_lm)
+    fc.collect_fisher(model, batch, task="w")
+    assert fc.get_token_count("w") == T
+    assert len(fc.store.params("w")) == 24  # encoder self, decoder self, decoder cross: 4 weights x 2 layers each
+    for n in names:
+        assert want[n].abs().max() > 0 and _close(fc.full_fisher("w", n).load(), want[n]), n
+    # neither encoder input: the error says both names; a token-shaped input_features: its shape
+    with pytest.raises(InvalidArgumentError, match=r"neither 'input_ids'.*nor 'input_features'.*has \['labels'\]"):
+        fc.collect_fisher(model, {"labels": batch["labels"]}, task="w")
+    with pytest.raises(InvalidArgumentError, match=r"input_features'\] must be a \[batch, features, frames\]"):
+        fc.collect_fisher(model, {"input_features": batch["input_features"][:, 0], "labels": batch["labels"]},
+                          task="w")
+    assert fc.store.step("w") == 1  # the refused calls left no step
 
 
 def test_a_loss_that_does_not_fit_the_model_is_refused_with_the_fix():

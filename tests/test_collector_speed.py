@@ -46,6 +46,13 @@ CASES = [
     ((144, 32), ParamLayout.attention("qkv", 6, 8, fused="interleaved")),  # GPT-NeoX
     ((48,), ParamLayout.attention("q", 6, 8, ndim=1)),
     ((144,), ParamLayout.attention("qkv", 6, 8, fused="interleaved", ndim=1)),
+    ((80, 32), ParamLayout.attention("qkv", 6, 8, num_kv_heads=2, fused="grouped")),  # Falcon new decoder
+    ((64, 32), ParamLayout.attention("qkv", 6, 8, num_kv_heads=1, fused="block")),  # multi-query
+    ((144, 32), ParamLayout.attention("qkv", 6, 8, fused="sharded", shards=3, order="QVK")),  # CodeGen
+    ((40, 32), ParamLayout.attention("kv", 4, 4, fused="interleaved", v_head_dim=6)),  # MLA: K 4, V 6
+    ((40,), ParamLayout.attention("kv", 4, 4, fused="interleaved", v_head_dim=6, ndim=1)),
+    ((32, 40), ParamLayout.attention("kv", 4, 4, fused="conv1d", v_head_dim=6)),  # heads on axis 1
+    ((64, 32), ParamLayout("latent")),
     ((64, 32), ParamLayout("embedding")),
     ((64, 32), ParamLayout("mlp")),
     ((32,), ParamLayout("norm")),

@@ -119,6 +119,14 @@ LAYOUTS = [
     (A("qkv", 4, 4, fused="conv1d"), (10, 48)),
     (A("qkv", 4, 4, fused="interleaved"), (48, 10)),
     (A("q", 8, 4, ndim=1), (32,)),
+    # the fusions of issue 20
+    (A("qkv", 8, 4, num_kv_heads=2, fused="grouped"), (48, 10)),  # Falcon new decoder
+    (A("qkv", 8, 4, num_kv_heads=1, fused="block"), (40, 10)),  # Falcon / GPTBigCode multi-query
+    (A("qkv", 8, 4, fused="sharded", shards=4, order="QVK"), (96, 10)),  # CodeGen
+    (A("qkv", 8, 4, num_kv_heads=4, fused="sharded", shards=2), (64, 10)),  # sharded GQA
+    (A("kv", 4, 4, fused="interleaved", v_head_dim=6), (40, 10)),  # MLA kv_b_proj
+    (A("kv", 4, 3, num_kv_heads=2, fused="block"), (12, 10)),
+    (A("kv", 4, 4, fused="interleaved", v_head_dim=6, ndim=1), (40,)),
 ]
 
 
@@ -132,7 +140,7 @@ def test_head_blocks_tile_the_tensor_exactly_once(lay, shape):
         heads = range(0, lay.num_heads, group) if b in "KV" else range(lay.num_heads)
         for h in heads:
             idx = lay.head_index(h, b, len(shape))
-            assert cover[idx].numel() == cover.numel() // (cover.shape[lay.head_axis] // lay.head_dim)
+            assert cover[idx].numel() == cover.numel() // cover.shape[lay.head_axis] * lay.block_dim(b)
             cover[idx] += 1
     assert bool((cover == 1).all())
 
@@ -140,10 +148,13 @@ def test_head_blocks_tile_the_tensor_exactly_once(lay, shape):
 @pytest.mark.parametrize("lay,shape", LAYOUTS, ids=lambda x: repr(x) if isinstance(x, ParamLayout) else None)
 def test_one_chunk_per_head_block(lay, shape):
     ch = chunk_shape(shape, lay)
+    uniform = len({lay.block_dim(b) for b in lay.blocks}) == 1
     for b in lay.blocks:
         for h in range(lay.num_heads):
             s = lay.head_index(h, b, len(shape))[lay.head_axis]
-            assert s.start % ch[lay.head_axis] == 0 and s.stop - s.start == ch[lay.head_axis]
+            # aligned, whole chunks: one per block, or (K and V of differing sizes) a few, never one shared
+            assert s.start % ch[lay.head_axis] == 0 and (s.stop - s.start) % ch[lay.head_axis] == 0
+            assert not uniform or s.stop - s.start == ch[lay.head_axis]
 
 
 def test_chunk_shapes_llama7b():
@@ -241,3 +252,167 @@ def test_dimension_names_name_the_head_axis():
     assert heads == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1, 0, 0, 1, 1]  # K/V: the key/value head
     heads, blocks = head_labels(A("qkv", 2, 2, fused="interleaved"), 12)
     assert blocks == list("QQKKVVQQKKVV") and heads == [0] * 6 + [1] * 6
+
+
+# -- the fusions of issue 20: hand-written ranges at real scale ----------------------------------
+
+
+def test_falcon_new_decoder_grouped():
+    # Falcon-40B: H=128, H_kv=8, d=64; query_key_value is [H_kv, g+2, d] with g=16: 18·64 = 1152 rows per group
+    lay = A("qkv", 128, 64, num_kv_heads=8, fused="grouped")
+    lay.validate_shape((9216, 8192))
+    assert rows(lay, 0, "Q") == (0, 64)
+    assert rows(lay, 15, "Q") == (960, 1024)
+    assert rows(lay, 0, "K") == (1024, 1088) and rows(lay, 0, "V") == (1088, 1152)
+    assert rows(lay, 17, "Q") == (1216, 1280)  # group 1, its second query head
+    assert rows(lay, 17, "K") == (2176, 2240) and rows(lay, 31, "V") == (2240, 2304)
+    assert rows(lay, 127, "V") == (9152, 9216)
+    assert lay.pattern() == (8, (("Q", 16, 64), ("K", 1, 64), ("V", 1, 64)))
+
+
+def test_falcon_7b_multi_query_is_block_with_one_kv_head():
+    lay = A("qkv", 71, 64, num_kv_heads=1, fused="block")  # [H + 2, d]
+    lay.validate_shape((4672, 4544))
+    assert rows(lay, 70, "Q") == (4480, 4544)
+    assert {rows(lay, h, "K") for h in range(71)} == {(4544, 4608)}
+    assert rows(lay, 3, "V") == (4608, 4672)
+
+
+def test_codegen_sharded_qvk():
+    # CodeGen-350M: H=16, d=64, mp_num=4: 4 shards of 768 rows, each (Q, V, K) of 4 heads
+    lay = A("qkv", 16, 64, fused="sharded", shards=4, order="QVK")
+    lay.validate_shape((3072, 1024))
+    assert rows(lay, 0, "Q") == (0, 64) and rows(lay, 0, "V") == (256, 320) and rows(lay, 0, "K") == (512, 576)
+    assert rows(lay, 5, "Q") == (832, 896)
+    assert rows(lay, 5, "V") == (1088, 1152)
+    assert rows(lay, 5, "K") == (1344, 1408)
+    assert rows(lay, 15, "K") == (3008, 3072)
+
+
+def test_sharded_gqa():
+    lay = A("qkv", 8, 2, num_kv_heads=4, fused="sharded", shards=2)  # per shard: Q 4 heads, K 2, V 2: 16 rows
+    assert rows(lay, 5, "Q") == (18, 20)
+    assert rows(lay, 5, "K") == (24, 26)  # kv head 2: shard 1, its first
+    assert rows(lay, 7, "V") == (30, 32)
+
+
+def test_deepseek_v3_mla():
+    H, dn, dr, dv = 128, 128, 64, 128
+    q = A("q", H, dn + dr)  # q_b_proj [H·192, q_lora_rank]
+    kv = A("kv", H, dn, fused="interleaved", v_head_dim=dv)  # kv_b_proj [H·(dn + dv), kv_lora_rank]
+    o = A("o", H, dv)  # o_proj [hidden, H·dv]
+    q.validate_shape((24576, 1536))
+    kv.validate_shape((32768, 512))
+    o.validate_shape((7168, 16384))
+    assert rows(q, 3, "Q") == (576, 768)
+    assert rows(kv, 3, "K") == (768, 896) and rows(kv, 3, "V") == (896, 1024)
+    assert cols(o, 3, "O") == (384, 512)
+    assert chunk_shape((32768, 512), kv) == (128, 512)  # one head block per chunk at real scale
+    # distinct sizes (nope 4, v 6): K and V blocks differ, chunks are their gcd
+    tiny = A("kv", 4, 4, fused="interleaved", v_head_dim=6)
+    assert [rows(tiny, h, b) for h in (0, 1, 3) for b in "KV"] == [(0, 4), (4, 10), (10, 14), (14, 20), (30, 34),
+                                                                  (34, 40)]
+    assert tiny.head_extent() == 40 and tiny.head_chunk() == 2 and chunk_shape((40, 8), tiny) == (2, 8)
+    assert tiny.block_dim("K") == 4 and tiny.block_dim("V") == 6
+
+
+def test_kv_block_and_its_group_view_names():
+    lay = A("kv", 4, 3, num_kv_heads=2, fused="block")
+    assert rows(lay, 2, "K") == (3, 6) and rows(lay, 2, "V") == (9, 12)
+    assert lay.head_blocks() == [(0, "K"), (2, "K"), (0, "V"), (2, "V")]
+
+
+def _mirror(name, H, Hkv, d, **kw):
+    """The row indices of each (block, head), by the model's own split code applied to an arange."""
+    if name == "falcon_grouped":  # FalconAttention.forward, new_decoder_architecture
+        g = torch.arange((H + 2 * Hkv) * d).view(Hkv, -1, d)
+        return {"Q": g[:, :-2, :].flatten(0, 1), "K": g[:, -2, :], "V": g[:, -1, :]}
+    if name == "codegen":  # CodeGenAttention.forward: view(-1, 3 * local_dim), split (query, value, key)
+        mp = kw["mp"]
+        local = H * d // mp
+        q, v, k = torch.arange(3 * H * d).view(mp, 3 * local).split(local, dim=-1)
+        return {"Q": q.reshape(-1, d), "K": k.reshape(-1, d), "V": v.reshape(-1, d)}
+    if name == "mla_kv_b":  # DeepseekV3Attention.expand_kv: view(-1, dn + dv), split [dn, dv]
+        k, v = torch.arange(H * (d + kw["dv"])).view(H, -1).split([d, kw["dv"]], dim=-1)
+        return {"K": k, "V": v}
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name,lay,kw", [
+    ("falcon_grouped", A("qkv", 8, 4, num_kv_heads=2, fused="grouped"), {}),
+    ("falcon_grouped", A("qkv", 6, 2, num_kv_heads=3, fused="grouped"), {}),
+    ("codegen", A("qkv", 8, 4, fused="sharded", shards=4, order="QVK"), {"mp": 4}),
+    ("codegen", A("qkv", 16, 2, fused="sharded", shards=4, order="QVK"), {"mp": 4}),
+    ("mla_kv_b", A("kv", 4, 4, fused="interleaved", v_head_dim=6), {"dv": 6}),
+])
+def test_every_range_equals_the_models_own_split(name, lay, kw):
+    want = _mirror(name, lay.num_heads, lay.num_kv_heads, lay.head_dim, **kw)
+    for b, per_head in want.items():
+        for h in range(lay.num_heads):
+            own = lay.block_head(h, b)
+            start, stop = lay.head_range(h, b)
+            assert torch.equal(torch.arange(start, stop), per_head[own]), (name, h, b)
+
+
+def test_new_fields_are_validated_with_the_fix():
+    with pytest.raises(LayoutError, match="fused='grouped'"):
+        A("qkv", 8, 4, num_kv_heads=2, fused="interleaved")  # points to grouped
+    with pytest.raises(LayoutError, match=r"needs shards"):
+        A("qkv", 8, 4, fused="sharded")
+    with pytest.raises(LayoutError, match=r"shards=3 must divide"):
+        A("qkv", 8, 4, fused="sharded", shards=3)
+    with pytest.raises(LayoutError, match=r"only for fused='sharded'"):
+        A("qkv", 8, 4, fused="block", shards=2)
+    with pytest.raises(LayoutError, match=r"permutation of 'QKV'"):
+        A("qkv", 8, 4, fused="grouped", order="QKK")
+    with pytest.raises(LayoutError, match=r"older reader would ignore it"):
+        A("qkv", 8, 4, fused="interleaved", order="QVK")
+    with pytest.raises(LayoutError, match=r"v_head_dim is only for kind 'kv'"):
+        A("qkv", 8, 4, fused="block", v_head_dim=6)
+    with pytest.raises(LayoutError, match=r"v_head_dim must be an int >= 1"):
+        A("kv", 8, 4, fused="interleaved", v_head_dim=0)
+    with pytest.raises(LayoutError, match=r"fused in \('block', 'conv1d', 'interleaved', 'sharded'\)"):
+        A("kv", 8, 4, fused="grouped")
+    with pytest.raises(LayoutError, match=r"needs fused in"):
+        A("kv", 8, 4)
+    with pytest.raises(LayoutError, match=r"only kinds 'qkv' and 'kv' are fused"):
+        A("q", 8, 4, fused="block")
+    with pytest.raises(LayoutError, match=r"has no heads; drop shards"):
+        ParamLayout("latent", shards=2)
+    with pytest.raises(LayoutError, match=r"permutation of 'KV'"):
+        A("kv", 4, 4, fused="interleaved", order="KQV")
+    assert A("kv", 4, 4, fused="interleaved", order="VK").head_range(1, "V") == (8, 12)
+
+
+def test_old_layouts_serialise_byte_identically_and_new_ones_round_trip():
+    import json
+
+    # what a store written before issue 20 holds: the new optional fields never appear
+    assert json.dumps(A("qkv", 12, 64, fused="conv1d").to_dict()) == (
+        '{"kind": "qkv", "num_heads": 12, "num_kv_heads": 12, "head_dim": 64, "head_axis": 1, "fused": "conv1d", '
+        '"transposed": true}')
+    assert json.dumps(A("k", 32, 128, num_kv_heads=8).to_dict()) == (
+        '{"kind": "k", "num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "head_axis": 0}')
+    assert ParamLayout("mlp").to_dict() == {"kind": "mlp"}
+    old = {"kind": "qkv", "num_heads": 4, "num_kv_heads": 4, "head_dim": 2, "head_axis": 0, "fused": "interleaved"}
+    assert ParamLayout.from_dict(old) == A("qkv", 4, 2, fused="interleaved")
+    for lay, _ in LAYOUTS:
+        assert ParamLayout.from_dict(json.loads(json.dumps(lay.to_dict()))) == lay
+    mla = A("kv", 4, 4, fused="interleaved", v_head_dim=6)
+    assert mla.to_dict()["v_head_dim"] == 6 and "shards" not in mla.to_dict()
+    assert A("qkv", 8, 4, fused="sharded", shards=4, order="QVK").to_dict()["order"] == "QVK"
+    assert ParamLayout.from_dict({"kind": "latent"}) == ParamLayout("latent")
+    assert "d_v=6" in repr(mla) and "shards=4" in repr(A("qkv", 8, 4, fused="sharded", shards=4))
+
+
+def test_labels_and_names_of_the_new_fusions():
+    from fisherstore.spec.layout import dimension_names, head_labels
+
+    heads, blocks = head_labels(A("kv", 2, 2, fused="interleaved", v_head_dim=3), 10)
+    assert blocks == list("KKVVVKKVVV") and heads == [0] * 5 + [1] * 5
+    heads, blocks = head_labels(A("qkv", 4, 1, num_kv_heads=2, fused="grouped"), 8)
+    assert blocks == list("QQKVQQKV") and heads == [0, 1, 0, 0, 2, 3, 1, 1]
+    heads, blocks = head_labels(A("qkv", 4, 1, fused="sharded", shards=2, order="QVK"), 12)
+    assert blocks == list("QQVVKKQQVVKK") and heads == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3]
+    assert dimension_names(2, A("kv", 2, 2, fused="interleaved", v_head_dim=3)) == ("out_heads", "in")
+    assert chunk_shape((64, 32), ParamLayout("latent")) == (64, 32)  # row chunks, like an MLP weight

@@ -1,5 +1,9 @@
 """layouts_from_model against the model itself: gradient ground truth on real HF architectures."""
 
+import contextlib
+import inspect
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -8,7 +12,10 @@ from fisherstore import LayoutError, ParamLayout, UnknownParamError
 from fisherstore.collect.models import layouts_from_model
 from fisherstore.spec.layers import layer_index, layer_keys
 from fisherstore.spec.layout import attention_param_names
-from tests.models import TINY, tiny_model, token_batch
+from tests.models import MASKED, SPEECH, TINY, speech_batch, tiny_model, token_batch
+
+#: Every architecture with a tiny config: each must map with no layouts= and pass the ground truth.
+ALL_ARCHS = sorted(TINY) + sorted(MASKED) + sorted(SPEECH)
 
 
 def _o_module(model, layouts, keys, layer):
@@ -20,6 +27,9 @@ def _o_module(model, layouts, keys, layer):
 
 
 def _batch(model, n, seq):
+    if "input_features" in inspect.signature(model.forward).parameters:  # Whisper: audio features, not tokens
+        batch = speech_batch(n=n, tgt=seq - 1, model=model, pad_last=False)
+        return {"input_features": batch["input_features"], "decoder_input_ids": batch["labels"]}
     batch = token_batch(n=n, seq=seq, pad_last=False)
     if model.config.is_encoder_decoder:  # the decoder needs inputs of its own
         batch["decoder_input_ids"] = token_batch(n=n, seq=seq - 1, seed=1, pad_last=False)["input_ids"]
@@ -38,16 +48,79 @@ def _grads(model, loss):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _support(lay, shape, h, block):
-    mask = torch.zeros(shape, dtype=torch.bool)
-    mask[lay.head_index(h, block, len(shape))] = True
-    return mask
+@contextlib.contextmanager
+def _captured_qkv(model):
+    """Record the query, key and value states each attention module computes: ``{module: (q, k, v)}``.
+
+    They are the model's own split of its projections (``[batch, heads, seq, head size]``,
+    K and V before ``repeat_kv``), taken where it hands them to attention: through
+    transformers' attention interface (eager, the modeling file's own function), or, for
+    the two classes that attend by hand, at their own split methods. A loss on one head
+    of one of them is the ground truth of which rows that head's block occupies.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seen = {}
+
+    def eager(module, query, key, value, *args, **kwargs):
+        seen[module] = (query, key, value)
+        return sys.modules[type(module).__module__].eager_attention_forward(module, query, key, value, *args, **kwargs)
+
+    patched = []
+    for m in model.modules():
+        cls = type(m).__name__
+        if cls == "BloomAttention":  # _reshape(fused) -> q, k, v
+            def reshape(fused, _m=m, _orig=m._reshape):
+                out = _orig(fused)
+                seen[_m] = out
+                return out
+            m._reshape = reshape
+            patched.append((m, "_reshape"))
+        elif cls == "GPTNeoXJapaneseAttention":  # _attn(q, k, v, mask)
+            def attn(q, k, v, *args, _m=m, _orig=m._attn, **kwargs):
+                seen[_m] = (q, k, v)
+                return _orig(q, k, v, *args, **kwargs)
+            m._attn = attn
+            patched.append((m, "_attn"))
+    ALL_ATTENTION_FUNCTIONS["eager"] = eager
+    try:
+        yield seen
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["eager"]
+        for m, attr in patched:
+            delattr(m, attr)
 
 
-@pytest.mark.parametrize("arch", sorted(TINY))
+def _rows_with_grad(g, axis):
+    """Per index of the head axis: does the gradient touch it anywhere?"""
+    return g.ne(0).any(dim=1 - axis) if g.ndim == 2 else g.ne(0)
+
+
+def _claimed(lay, length, h, block):
+    want = torch.zeros(length, dtype=torch.bool)
+    if block in lay.blocks:
+        start, stop = lay.head_range(h, block)
+        want[start:stop] = True
+    return want
+
+
+def _assert_exact(arch, layer, layouts, shapes, grads, names, h, block, what):
+    """Each parameter's gradient touches exactly the indices its layout claims for (h, block), none elsewhere."""
+    for name in names:
+        lay = layouts[name]
+        g = grads.get(name)
+        length = shapes[name][lay.head_axis]
+        got = torch.zeros(length, dtype=torch.bool) if g is None else _rows_with_grad(g, lay.head_axis)
+        want = _claimed(lay, length, h, block)
+        assert torch.equal(got, want), (
+            f"{arch} {layer} {name} ({lay}): a loss on {what} reaches indices "
+            f"{got.nonzero().flatten().tolist()}, the layout claims {want.nonzero().flatten().tolist()}")
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_layouts_match_gradient_ground_truth(arch):
     model = tiny_model(arch)
-    layouts = layouts_from_model(model)
+    layouts = layouts_from_model(model)  # no layouts=: every architecture maps by itself
     batch = _batch(model, n=2, seq=6)
     keys = layer_keys([n for n, lay in layouts.items() if lay.has_heads])
     layers = _layers_to_check(keys)
@@ -58,53 +131,50 @@ def test_layouts_match_gradient_ground_truth(arch):
 
 def _check_layer(model, layouts, keys, layer, batch, arch):
     o_mod, o_name = _o_module(model, layouts, keys, layer)
-    o_lay = layouts[o_name]
-    H, Hkv = o_lay.num_heads, o_lay.num_kv_heads
-    heads = sorted({0, H - 1, 1 if Hkv < H else 2})  # includes the last head and a GQA-shared kv head
-    captured = {}
+    headed = [n for n, lay in layouts.items() if keys.get(n) == layer and lay.has_heads and lay.kind != "o"]
+    assert headed
+    q_name = next(n for n in headed if "Q" in layouts[n].blocks and n.endswith("weight"))
+    modules = dict(model.named_modules())
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     keep = {}
 
     def pre_hook(mod, args):
-        x = args[0]
-        captured["x"] = x
         if "head" in keep:  # zero every head's input to O except one
-            h = keep["head"]
+            x = args[0]
+            lo, hi = keep["head"]
             m = torch.zeros_like(x)
-            m[..., h * o_lay.head_dim:(h + 1) * o_lay.head_dim] = 1
+            m[..., lo:hi] = 1
             return (x * m,) + tuple(args[1:])
         return None
 
     handle = o_mod.register_forward_pre_hook(pre_hook)
-    qkv_names = [n for n, lay in layouts.items() if keys.get(n) == layer and lay.kind in ("q", "k", "v", "qkv")]
-    assert qkv_names
     try:
+        with _captured_qkv(model) as seen:
+            model(**batch)
+            # the attention module of this layer: the one that holds its Q projection
+            attn = [m for m in seen if any(q_name.startswith(n + ".") for n, mm in modules.items() if mm is m)]
+            assert len(attn) == 1, f"{arch} {layer}: no captured attention for {q_name}"
+            q, k, v = seen[attn[0]]
+            H, H_kv = q.shape[1], k.shape[1]
+            assert v.shape[1] == H_kv and H % H_kv == 0
+            heads = sorted({0, H - 1, 1 if H_kv < H else 2})  # includes the last head and a GQA-shared kv head
+            for h in heads:
+                kh = h // (H // H_kv)  # HF repeat_kv: query head h reads key/value head h // (H / H_kv)
+                for block, idx, states in (("Q", h, 0), ("K", kh, 1), ("V", kh, 2)):
+                    torch.manual_seed(h)
+                    model(**batch)
+                    x = seen[attn[0]][states][:, idx]
+                    grads = _grads(model, (x * torch.randn_like(x)).sum())
+                    _assert_exact(arch, layer, layouts, shapes, grads, headed + [o_name], h, block,
+                                  f"{block} states of head {idx}")
+        # O: keep only head h at O's input (HF merges heads as [..., H * d_v], head h at h * d_v);
+        # the O weight's gradient then lives on h's slice.
+        d_o = v.shape[-1]
         for h in heads:
-            # Q/K/V: the loss is head h's attention output (the input of O), so only the
-            # q rows of h and the k/v rows of its kv head can carry gradient.
-            keep.clear()
-            torch.manual_seed(h)
+            keep["head"] = (h * d_o, (h + 1) * d_o)
             out = model(**batch)
-            x = captured["x"]
-            r = torch.randn_like(x[..., : o_lay.head_dim])
-            loss = (x[..., h * o_lay.head_dim:(h + 1) * o_lay.head_dim] * r).sum()
-            grads = _grads(model, loss)
-            for name in qkv_names:
-                lay, g = layouts[name], grads[name]
-                support = torch.zeros(g.shape, dtype=torch.bool)
-                for b in lay.blocks:
-                    support |= _support(lay, g.shape, h, b)
-                assert not g[~support].any(), f"{arch} {layer} {name} head {h}: gradient outside {lay}"
-                for b in lay.blocks:
-                    blk = g[lay.head_index(h, b, g.ndim)]
-                    assert blk.abs().sum() > 0, f"{arch} {name} head {h} block {b}: no gradient inside"
-            # O: keep only head h at O's input; the O weight's gradient lives on h's slice.
-            keep["head"] = h
-            out = model(**batch)
-            loss = (out.logits * torch.randn_like(out.logits)).sum()
-            g = _grads(model, loss)[o_name]
-            support = _support(o_lay, g.shape, h, "O")
-            assert not g[~support].any(), f"{arch} {o_name} head {h}: gradient outside O block"
-            assert g[support].abs().sum() > 0
+            grads = _grads(model, (out.logits * torch.randn_like(out.logits)).sum())
+            _assert_exact(arch, layer, layouts, shapes, grads, [o_name], h, "O", f"O's input of head {h} only")
     finally:
         handle.remove()
 
@@ -284,3 +354,51 @@ def test_conv1d_and_gpt_neox_are_recognised_by_class_not_name():
 
     with pytest.raises(LayoutError, match="GPTNeoXLikeAttention"):
         layouts_from_model(nn.ModuleDict({"attn": GPTNeoXLikeAttention()}))
+
+
+def test_issue_20_architectures_map_by_default_with_their_fusions():
+    from tests.models import bert_layouts
+
+    A = ParamLayout.attention
+    expect = {
+        "falcon": ("transformer.h.0.self_attention.query_key_value.weight", A("qkv", 4, 8, 2, fused="grouped")),
+        "falcon_mqa": ("transformer.h.0.self_attention.query_key_value.weight", A("qkv", 4, 8, 1, fused="block")),
+        "falcon_mha": ("transformer.h.0.self_attention.query_key_value.bias",
+                       A("qkv", 4, 8, fused="interleaved", ndim=1)),
+        "bloom": ("transformer.h.0.self_attention.query_key_value.weight", A("qkv", 4, 8, fused="interleaved")),
+        "gpt_bigcode": ("transformer.h.0.attn.c_attn.weight", A("qkv", 4, 8, 1, fused="block")),
+        "gpt_bigcode_mha": ("transformer.h.0.attn.c_attn.weight", A("qkv", 4, 8, fused="interleaved")),
+        "codegen": ("transformer.h.0.attn.qkv_proj.weight", A("qkv", 8, 4, fused="sharded", shards=4, order="QVK")),
+        "deepseek_v3": ("model.layers.0.self_attn.kv_b_proj.weight", A("kv", 4, 4, fused="interleaved", v_head_dim=6)),
+        "deepseek_v2": ("model.layers.0.self_attn.q_proj.weight", A("q", 4, 6)),
+        "roberta": ("roberta.encoder.layer.1.attention.output.dense.weight", A("o", 4, 8)),
+        "whisper": ("model.decoder.layers.0.encoder_attn.k_proj.weight", A("k", 4, 8)),
+    }
+    for arch, (name, lay) in expect.items():
+        assert layouts_from_model(tiny_model(arch))[name] == lay, arch
+    ds = layouts_from_model(tiny_model("deepseek_v3"))
+    pre = "model.layers.0.self_attn"
+    assert ds[f"{pre}.q_b_proj.weight"] == A("q", 4, 6) and ds[f"{pre}.o_proj.weight"] == A("o", 4, 6)
+    assert ds[f"{pre}.q_a_proj.weight"] == ds[f"{pre}.kv_a_proj_with_mqa.weight"] == ParamLayout("latent")
+    assert ds[f"{pre}.kv_a_layernorm.weight"] == ParamLayout("norm")
+    bert = tiny_model("bert")
+    auto = layouts_from_model(bert)
+    assert {n: auto[n] for n in bert_layouts(bert)} == bert_layouts(bert)  # the hand-written ones, found alone
+    assert auto["bert.encoder.layer.0.attention.self.query.bias"] == A("q", 4, 8, ndim=1)
+    assert auto["bert.encoder.layer.0.attention.output.dense.bias"] == ParamLayout("bias")
+    assert auto["bert.encoder.layer.0.attention.output.LayerNorm.weight"] == ParamLayout("norm")
+
+
+def test_what_issue_20_leaves_unmapped_is_refused_naming_the_module():
+    import transformers as T
+
+    cfg = T.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=64, multi_query=False,
+                             add_cross_attention=True)
+    model = T.GPTBigCodeForCausalLM(cfg)
+    with pytest.raises(LayoutError, match=r"GPTBigCode cross-attention 'transformer.h.0.crossattention'.*layouts="):
+        layouts_from_model(model)
+    codegen = tiny_model("codegen")
+    attn = codegen.transformer.h[0].attn
+    attn.mp_num = 3  # 8 heads do not split into 3 shards
+    with pytest.raises(LayoutError, match=r"H=8 heads do not split evenly into mp_num=3.*layouts="):
+        layouts_from_model(codegen)

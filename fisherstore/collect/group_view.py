@@ -35,39 +35,66 @@ __all__ = ["group_reduce", "group_vector", "split_groups", "GroupSums", "GroupVi
 def group_vector(x: torch.Tensor, layout: ParamLayout | None) -> torch.Tensor:
     """The group sums of ``x`` as one new vector, on ``x``'s device, in one reduction.
 
-    Head layouts give one sum per ``head_dim`` segment of the head axis (for a fused QKV:
-    the Q heads, then K, then V, as the tensor stores them); :func:`split_groups` names
-    them. 2-D tensors without heads give row sums; anything else is copied whole.
+    Head layouts give one sum per head block, in the order the tensor stores them
+    (:meth:`ParamLayout.segments`: for a block-fused QKV the Q heads, then K, then V; for
+    an interleaved or grouped one, repeat by repeat); :func:`split_groups` names them.
+    2-D tensors without heads give row sums; anything else is copied whole.
     """
     if layout is not None and layout.has_heads:
-        ax, d = layout.head_axis, layout.head_dim
-        n = x.shape[ax] // d
+        ax, u = layout.head_axis, layout.head_chunk()
+        n = x.shape[ax] // u
         if x.ndim == 1:
-            return x.view(n, d).sum(1)
-        if x.ndim == 2 and ax == 0:
-            return x.view(n, -1).sum(1)
-        if x.ndim == 2:
-            return x.view(x.shape[0], n, d).sum((0, 2))
-        return x.movedim(ax, 0).reshape(n, -1).sum(1)
+            v = x.view(n, u).sum(1)
+        elif x.ndim == 2 and ax == 0:
+            v = x.view(n, -1).sum(1)
+        elif x.ndim == 2:
+            v = x.view(x.shape[0], n, u).sum((0, 2))
+        else:
+            v = x.movedim(ax, 0).reshape(n, -1).sum(1)
+        return _units_to_blocks(v, layout, u)
     if x.ndim == 2:
         return x.sum(dim=1)
     return x.clone()
 
 
-def split_groups(v: torch.Tensor, layout: ParamLayout | None, ndim: int) -> dict[str, torch.Tensor]:
-    """Name the parts of a :func:`group_vector`: ``"head"`` (``"head_q"``/``"head_k"``/``"head_v"`` for a fused QKV),
-    ``"channel"``, ``"token"`` (embeddings), ``"bias"``, ``"row"`` or ``"param"``.
+def _units_to_blocks(v: torch.Tensor, layout: ParamLayout, unit: int) -> torch.Tensor:
+    """Per-chunk-unit sums -> per-head-block sums, still in storage order.
 
-    K and V count each GQA key/value head once, in key/value-head order.
+    A no-op when every block is one unit long (all layouts but MLA's ``kv_b_proj``, whose K
+    and V heads differ in size and so span several gcd-sized units each). Reshapes and
+    sums only, no index tensor: this runs inside backward hooks, where building one would
+    copy from the host.
+    """
+    repeats, parts = layout.pattern()
+    if all(dim == unit for _, _, dim in parts):
+        return v
+    per = v.view(repeats, -1)
+    out, at = [], 0
+    for _, n, dim in parts:
+        k = dim // unit
+        out.append(per[:, at:at + n * k].reshape(repeats, n, k).sum(2))
+        at += n * k
+    return torch.cat(out, dim=1).reshape(-1)
+
+
+def split_groups(v: torch.Tensor, layout: ParamLayout | None, ndim: int) -> dict[str, torch.Tensor]:
+    """Name the parts of a :func:`group_vector`: ``"head"`` (``"head_q"``/``"head_k"``/``"head_v"`` for a fused
+    QKV, ``"head_k"``/``"head_v"`` for a fused KV), ``"channel"``, ``"token"`` (embeddings), ``"bias"``, ``"row"``
+    or ``"param"``.
+
+    K and V count each GQA key/value head once, in key/value-head order, whatever order
+    the fused tensor stores them in.
     """
     if layout is not None and layout.has_heads:
         if len(layout.blocks) == 1:
             return {"head": v}
-        H, Hkv = layout.num_heads, layout.num_kv_heads
-        if layout.fused == "interleaved":  # per head: Q, K, V segments side by side
-            per = v.view(H, 3)
-            return {"head_q": per[:, 0], "head_k": per[:, 1], "head_v": per[:, 2]}
-        return {"head_q": v[:H], "head_k": v[H:H + Hkv], "head_v": v[H + Hkv:H + 2 * Hkv]}
+        repeats, parts = layout.pattern()
+        per = v.view(repeats, -1)  # one row per repeat: each part's heads side by side
+        at, cols = 0, {}
+        for b, n, _ in parts:
+            cols[b] = per[:, at:at + n].reshape(-1)  # repeat-major: the block's heads in order
+            at += n
+        return {f"head_{b.lower()}": cols[b] for b in layout.blocks}
     kind = layout.kind if layout is not None else "other"
     if ndim == 2:
         return {"token" if kind == "embedding" else "channel": v}
@@ -80,7 +107,8 @@ def group_reduce(x: torch.Tensor, layout: ParamLayout | None) -> dict[str, torch
     """Reduce a full (squared-gradient or Fisher) tensor to TensorScope's group vectors.
 
     Attention parameters give one value per head block (``"head"``; a fused QKV gives
-    ``"head_q"``, ``"head_k"``, ``"head_v"``), counting each GQA key/value head once.
+    ``"head_q"``, ``"head_k"``, ``"head_v"``, a fused KV ``"head_k"``, ``"head_v"``),
+    counting each GQA key/value head once.
     2-D tensors without heads give ``"channel"`` (sum per row), embeddings ``"token"``,
     1-D tensors their full vector (``"bias"`` or ``"row"``), anything else ``"param"``.
     """

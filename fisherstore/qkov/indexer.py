@@ -5,7 +5,9 @@ TensorScope's ``QKOVIndexer`` where that one is wrong: GPT-2's Conv1D ``c_proj``
 sliced by **rows** (upstream: columns); a fused GQA V block starts at ``(H + H_kv)·d``
 (upstream: ``2·H·d``, an empty slice); ``head_dim`` comes from the model config (upstream:
 ``hidden // H``); GPT-NeoX's interleaved ``query_key_value`` is supported (upstream: not
-found, scored 0).
+found, scored 0). Every fusion of :mod:`fisherstore.spec.layout` is sliced by its own
+``head_range`` (Falcon's grouped, CodeGen's sharded ``qkv_proj``, MLA's ``kv_b_proj`` whose K and V
+heads differ in size), so a block's slice length is that block's head size, not one ``d``.
 
 Usage::
 

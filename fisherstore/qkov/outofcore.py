@@ -72,9 +72,11 @@ def plan_blocks(indexer: Any, layers: Sequence[Any], heads: Sequence[int], block
 
 
 #: What of a parameter the scoring reads through task A's block regions, in the order a mismatch is named:
-#: its shape, then its layout's fields (``blocks`` follows from ``kind`` and ``fused``).
+#: its shape, then its layout's fields (``blocks`` follows from ``kind`` and ``fused``). ``shards``, ``order``
+#: and ``v_head_dim`` place the blocks of the grouped, sharded and MLA fusions: two tasks that differ only there
+#: have the same shapes, yet their block regions are other rows.
 GEOMETRY_FIELDS = ("shape", "layout", "kind", "num_heads", "num_kv_heads", "head_dim", "head_axis", "fused",
-                   "transposed", "blocks")
+                   "transposed", "shards", "order", "v_head_dim", "blocks")
 
 
 #: What to do instead of reading an EMA with no step, in the library's words.

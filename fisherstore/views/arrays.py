@@ -54,7 +54,10 @@ def block_sums(store: Any, task: str, name: str, *, bias_corrected: bool = True)
     """A lazy Dask array of each chunk's Fisher sum (float64), shaped like the chunk grid.
 
     A head-chunked parameter's chunk is a head block, so this is the per-head mass:
-    ``[H, 1]`` for Q rows, ``[1, H]`` for O columns. Usage: ``block_sums(s, "math", q).compute()``.
+    ``[H, 1]`` for Q rows, ``[1, H]`` for O columns. MLA's ``kv_b_proj`` is the exception:
+    its K and V heads differ in size, so its chunks are their gcd and a head block spans
+    several (group by the ``head``/``block`` coordinates of :func:`to_xarray` there).
+    Usage: ``block_sums(s, "math", q).compute()``.
     """
     x = to_dask(store, task, name, bias_corrected=bias_corrected)
     ones = tuple((1,) * len(c) for c in x.chunks)
