@@ -27,6 +27,7 @@ __all__ = [
     "HeadIndexError",
     "PrecisionError",
     "LayoutError",
+    "LayoutMismatchError",
     "StepError",
     "CorruptChunkError",
     "StorageError",
@@ -103,6 +104,15 @@ class PrecisionError(FisherStoreError, ValueError):
 
 class LayoutError(FisherStoreError, ValueError):
     """A parameter layout is inconsistent with the tensor's shape or the model."""
+
+
+class LayoutMismatchError(LayoutError):
+    """A layout fits its tensor's shape but not the model: a head's attention output moves other weights than its block.
+
+    Raised when a ``layouts=`` override is checked against the model before anything is
+    stored (:mod:`fisherstore.collect.layout_check`); the message names the parameter,
+    the block and the head, and where the gradient actually landed.
+    """
 
 
 class StepError(FisherStoreError, RuntimeError):

@@ -7,6 +7,7 @@ module                      job
                             (``prepare``, ``run_step``, ``record_groups``, ``owner_ranks``)
 :mod:`.tracking`            which parameters it tracks (``params=``), stored β, option checks
 :mod:`.models`              layouts from a PyTorch / Hugging Face model
+:mod:`.layout_check`        ``layouts=`` overrides checked against the model's own attention
 :mod:`.step_loop`           one collector step: the micro-batch loop and its backward hooks
 :mod:`.batches`             what a batch is, micro-batches of it, the same batch on every rank
 :mod:`.autograd`            which parameters need gradients during a run, and squares
@@ -23,5 +24,6 @@ Usage::
 """
 
 from .collector import FisherCollector, Prepared
+from .layout_check import LayoutCheck, check_layouts
 
-__all__ = ["FisherCollector", "Prepared"]
+__all__ = ["FisherCollector", "Prepared", "LayoutCheck", "check_layouts"]

@@ -28,6 +28,7 @@ micro-batches and ``T`` is the token count of all ranks' batches together.
 from __future__ import annotations
 
 import types
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -35,12 +36,14 @@ import torch
 from torch import nn
 
 from ..engine.dist import RankGroup
-from ..errors import InvalidArgumentError, RankFailedError, listing
+from ..errors import InvalidArgumentError, LayoutError, RankFailedError, listing
 from ..losses import LossFn, causal_lm, loss_name
 from ..losses import check_loss as check_loss_fn
 from ..spec.layout import ParamLayout
 from ..store.api import open as open_store
 from .group_view import GroupView
+from .layout_check import LayoutCheck
+from .layout_check import check_layouts as check_layouts_of
 from .models import layouts_from_model, model_description
 from .samples import SampleGrads, sample_gradients
 from .step_loop import StepRun
@@ -82,7 +85,14 @@ class FisherCollector(GroupView):
             :data:`~fisherstore.losses.seq2seq_lm`, masked LMs :data:`~fisherstore.losses.masked_lm`.
         layouts: ``{parameter name: ParamLayout}`` merged over, and taking priority over,
             :func:`fisherstore.layouts_from_model`'s: how to collect a model whose
-            attention modules fisherstore does not recognise.
+            attention modules fisherstore does not recognise (docs/layouts.md). They are
+            checked against the model's own attention before anything is stored
+            (:meth:`check_layouts`): a layout that does not fit raises
+            :class:`~fisherstore.errors.LayoutMismatchError` naming the parameter and head.
+        verify_layouts: ``False`` skips that check. Only for attention whose heads mix
+            before the output projection (a norm over every head's queries, as OLMo-2's
+            ``q_norm``; talking-heads attention): there every head's output depends on
+            every head's rows, so even the right layout cannot pass (docs/layouts.md).
         data_parallel: how the ranks of a ``group=`` share the work (ignored without one).
             ``True`` (the default when a group of more than one rank is given): ranks see
             **different** batches (DDP). A step's Fisher is that of the union batch: every
@@ -127,9 +137,12 @@ class FisherCollector(GroupView):
         layouts: Mapping[str, ParamLayout] | None = None,
         data_parallel: bool | None = None,
         store: Any = None,
+        verify_layouts: bool = True,
         **store_options: Any,
     ) -> None:
         check_options(reduction, estimator, micro_batch_size, loss_fn, layouts, data_parallel)
+        if not isinstance(verify_layouts, bool):
+            raise InvalidArgumentError(f"verify_layouts must be True or False, got {verify_layouts!r}")
         group = store_options.get("group") if store is None else getattr(store, "group", None)
         if group is not None and not isinstance(group, RankGroup):
             raise InvalidArgumentError(f"group must be a fisherstore.RankGroup, got {type(group).__name__}")
@@ -143,6 +156,7 @@ class FisherCollector(GroupView):
         #: Whether ranks see different batches, so every step is reduced onto the owners.
         self.data_parallel = self.group.world_size > 1 if data_parallel is None else data_parallel
         self._layout_overrides = dict(layouts or {})
+        self.verify_layouts = verify_layouts
         if store is not None:  # an open store adopted as it is (its own options)
             if path is not None or store_options:
                 raise InvalidArgumentError("pass either store= (an open FisherStore) or path= and store options, not both")
@@ -160,6 +174,9 @@ class FisherCollector(GroupView):
         # Group EMAs are tiny, so they live in RAM: {task: {key: [raw EMA, t_last, β]}}.
         self._groups: dict[str, dict[str, list[Any]]] = {}
         self._layout_cache: dict[int, dict[str, ParamLayout]] = {}
+        # The models whose overrides passed check_layouts (weak: a verdict dies with its model, never
+        # passes to a new model that happens to get the old one's id).
+        self._checked: weakref.WeakKeyDictionary[nn.Module, LayoutCheck] = weakref.WeakKeyDictionary()
         self._owners: dict[tuple[str, tuple[str, ...]], list[int]] = {}
         self._decay_warned: set[str] = set()  # tasks whose stored β differs from ema_decay, warned once
 
@@ -225,6 +242,7 @@ class FisherCollector(GroupView):
         In a data-parallel group every rank calls it with its own batch; the step is the
         union batch's (see the class docstring).
         """
+        self.check_layouts(model, batch)
         self.run_step(model, batch, task, *self.prepare(model, task))
 
     def collect_fisher_dataset(self, model: nn.Module, batches: Any, task: str = "default", *,
@@ -241,8 +259,12 @@ class FisherCollector(GroupView):
         Returns a :class:`~fisherstore.collect.multipass.DatasetRun` (passes, steps, tokens, bytes).
         See :mod:`fisherstore.collect.multipass`.
         """
-        from .multipass import collect_dataset
+        from .multipass import Replayable, collect_dataset
 
+        if self._layout_overrides and self.verify_layouts and model not in self._checked:
+            first = next(iter(Replayable(batches)), None)  # a replayable set gives it again in the run
+            if first is not None:
+                self.check_layouts(model, first)
         return collect_dataset(self, model, batches, task, progress=progress)
 
     def collect_samples(self, model: nn.Module, batch: Mapping[str, torch.Tensor], task: str = "default", *,
@@ -258,6 +280,7 @@ class FisherCollector(GroupView):
                 "with a collector opened without a group"
             )
         check_loss_fn(self.loss_fn, model)
+        self.check_layouts(model, batch)
         layouts = self.layouts(model)
         chosen = list(names) if names is not None else self._select(model, layouts)
         return collect_samples(self.store, model, batch, task, chosen, layouts, self.loss_fn,
@@ -271,10 +294,23 @@ class FisherCollector(GroupView):
         Returns :class:`Prepared`: the tracked parameters in the store's creation order (the
         same on every rank, so it orders collectives) and every parameter's layout.
         Usage: ``order, layouts = fc.prepare(model, "math")``.
+
+        Raises :class:`~fisherstore.errors.LayoutError` when the collector has ``layouts=``
+        overrides not yet checked against ``model``: nothing may be stored under a layout
+        nobody verified. ``collect_fisher``, ``collect_samples`` and ``collect_fisher_dataset``
+        check them on their first batch; gradients from elsewhere (``collect_from_grads``,
+        the Trainer callback) have no batch of ours, so call :meth:`check_layouts` first.
         """
         if check_loss:
             check_loss_fn(self.loss_fn, model)
         layouts = self.layouts(model)
+        if self._layout_overrides and self.verify_layouts and model not in self._checked:
+            raise LayoutError(
+                f"the layouts= overrides of this collector are not yet checked against {type(model).__name__}, and "
+                "nothing is stored under an unchecked layout. Call fc.check_layouts(model, batch) once with a batch "
+                "the model takes (collect_fisher, collect_samples and collect_fisher_dataset do it themselves; "
+                "collect_from_grads and the Trainer callback have no batch to do it with)"
+            )
         tracked = self._select(model, layouts)
         named = dict(model.named_parameters())
         new_task = task not in self.store.tasks()
@@ -345,6 +381,29 @@ class FisherCollector(GroupView):
         check_loss_fn(self.loss_fn, model)
         layouts = self.layouts(model)
         return sample_gradients(self.loss_fn, model, batch, list(names) if names is not None else self._select(model, layouts))
+
+    def check_layouts(self, model: nn.Module, batch: Mapping[str, Any]) -> LayoutCheck | None:
+        """Check the ``layouts=`` overrides against ``model``'s own attention, once per model.
+
+        One forward of ``loss_fn`` on the first two sequences of ``batch``, then a few
+        backward passes per checked attention layer (:mod:`fisherstore.collect.layout_check`
+        says which and why). Returns its :class:`~fisherstore.collect.layout_check.LayoutCheck`,
+        the cached one on later calls, or None when the collector has no overrides (or
+        ``verify_layouts=False``).
+        Usage: ``fc.check_layouts(model, batch)`` before ``collect_from_grads`` or a Trainer with a callback.
+
+        Raises:
+            LayoutMismatchError: an override does not fit the model (nothing was stored);
+                the message names the parameter, block and head. Not cached: a later call checks again.
+        """
+        if not self._layout_overrides or not self.verify_layouts:
+            return None
+        done = self._checked.get(model)
+        if done is None:
+            check_loss_fn(self.loss_fn, model)
+            done = check_layouts_of(model, self.layouts(model), self._layout_overrides, batch, self.loss_fn)
+            self._checked[model] = done
+        return done
 
     # -- helpers ------------------------------------------------------------------------
     def layouts(self, model: nn.Module) -> dict[str, ParamLayout]:
