@@ -86,7 +86,8 @@ def run_demo(out: str | None = None, backend: str = "zarr", steps: int = 3, quie
             say(f"    {layer:5d} {h:4d} " + " ".join(f"{heat[blk][li, hi]:10.3e}" for blk in "QKVO"))
     png = None
     try:
-        png = heatmap_png(heat, os.path.join(out, "qkov_heatmap.png"), "QK-OV interference (task_a vs task_b)")
+        png = heatmap_png(heat, os.path.join(out, "qkov_heatmap.png"),
+                          "QK-OV interference: task_a samples vs task_b samples, EMA Fisher of task_a")
         say(f"  heat map: {png}")
     except ImportError:
         say("  (matplotlib is not installed: pip install 'fisherstore[plot]' for the PNG heat map)")

@@ -26,7 +26,7 @@ from typing import Any
 import cachetools
 import torch
 
-from ..errors import InvalidArgumentError, LayoutError, UnknownParamError, close_matches
+from ..errors import HeadIndexError, InvalidArgumentError, LayoutError, UnknownParamError, close_matches
 from ..progress import progress_bar
 from ..spec.layout import BLOCKS
 from ..spec.samples import token_divisors
@@ -146,14 +146,16 @@ class QKOVInterference:
 
         ``contribs``/``grads`` map parameter names to per-sample tensors [n, *shape];
         ``fisher`` maps them to the Fisher (e.g. ``collector.full_fisher(task)``). Also
-        returns ``"layers"``, ``"heads"`` and ``"scores"`` ({block: [n_a, n_b, L, H]}).
+        returns ``"layers"``, ``"heads"``, ``"scores"`` ({block: [n_a, n_b, L, H]}) and ``"group_size"``
+        ({layer: H / H_kv}, for the figures' K/V labels).
         ``progress``: a bar of scored head blocks (None: on a terminal only).
         """
         layers, heads, blocks = self.selection(layers, heads, blocks)
         with progress_bar(len(blocks) * len(layers) * len(heads), progress, "QK-OV scores", unit="block") as bar:
             scores = self._score(contribs, grads, fisher, layers, heads, blocks, bar)
         first = next(iter(scores.values()))
-        return _result(scores, layers, heads, list(range(first.shape[0])), list(range(first.shape[1])))
+        return {**_result(scores, layers, heads, list(range(first.shape[0])), list(range(first.shape[1]))),
+                "group_size": self.group_sizes(layers)}
 
     def heatmap_from_store(self, store: Any, task_a: str, task_b: str, fisher: str = "ema",
                            fisher_task: str | None = None, layers: Iterable[int | str] | None = None,
@@ -198,7 +200,7 @@ class QKOVInterference:
                 for hi in job.head_pos:  # a K/V block scores every query head of its group alike
                     scores[job.block][:, :, job.layer_pos, hi] = s
                 bar.update(1)
-        return _result(scores, layers, heads, ids_a, ids_b, top_k)
+        return {**_result(scores, layers, heads, ids_a, ids_b, top_k), "group_size": self.group_sizes(layers)}
 
     def selection(self, layers: Iterable[int | str] | None = None, heads: Iterable[int] | None = None,
                   blocks: Iterable[str] = BLOCKS) -> tuple[list[int | str], list[int], list[str]]:
@@ -218,6 +220,22 @@ class QKOVInterference:
                 raise InvalidArgumentError(f"the selection of {what} is empty, so there is nothing to score; choose "
                                            f"one or more of {valid} (or None for all)")
         return layers, heads, blocks
+
+    def group_sizes(self, layers: Iterable[int | str]) -> dict[int | str, int]:
+        """``{layer: H / H_kv}``: query heads per key/value head, so a figure can name the kv head of a K/V column.
+
+        A heat map's columns are query heads; its K/V value at query head ``h`` is kv head
+        ``h // g``'s (views/figures.py's ``KV_RULE``). A layer with no K or V weight is left out.
+        """
+        out: dict[int | str, int] = {}
+        for layer in layers:
+            for b in ("K", "V"):
+                try:
+                    out[layer] = self.indexer.layouts[self.indexer.param_name(layer, b)].group_size
+                    break
+                except HeadIndexError:
+                    continue
+        return out
 
     def _check_indexer(self, store: Any, task: str, jobs: Sequence[BlockJob]) -> None:
         """Refuse an indexer whose layouts are not the ones ``task`` records (a model other than the task's)."""

@@ -20,6 +20,10 @@ Usage::
     plot_comparison(compare_fishers(store, "math"), "ema_vs_contribution.png")
 
 The CLI: ``fisherstore plot PATH --task math [--compare code] --out fig.png``.
+
+Heads of a GQA model are drawn by one rule in every figure here (:data:`.figures.KV_RULE`):
+columns are query heads, and a K/V panel repeats each key/value head over the query
+heads that share it, its ticks reading ``h`` over ``kv h//g``.
 """
 
 from __future__ import annotations
@@ -32,9 +36,18 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from ..spec.layout import BLOCKS
-from .figures import figure, panel, save
+from .figures import figure, panel, per_query_head, save
 
-__all__ = ["mass_grid", "plot_mass", "heatmap_png", "plot_comparison"]
+__all__ = ["mass_grid", "plot_mass", "heatmap_png", "plot_comparison", "QKOV_CAPTION"]
+
+#: What a QK-OV heat map plots (scores.py's M, averaged over pairs), written under every one.
+QKOV_CAPTION = (
+    "Each cell: the QK-OV interference score of (layer, query head, block), averaged over every sample pair "
+    "(i of task A, j of task B):  M = Σ_{k in the head block} C_ik / (max(F_k, ε) + λ) · |g_jk| / T_j,  "
+    "C_i = g_i²/T_i,  F = the normalising Fisher.\n"
+    "C/F is dimensionless, so M has the units of |g_j|/T_j (the gradient of B's token-mean loss) summed over the "
+    "block's weights. Higher means more interference."
+)
 
 
 def mass_grid(df: Any, block: str, column: str = "mass") -> tuple[list[Any], np.ndarray]:
@@ -51,7 +64,11 @@ def mass_grid(df: Any, block: str, column: str = "mass") -> tuple[list[Any], np.
 
 
 def plot_mass(df: Any, path: str, *, compare: Any = None, title: str | None = None) -> str:
-    """Draw the per-block [layer x head] heat map of ``df`` (and of ``compare`` against it) into ``path``."""
+    """Draw the per-block [layer x head] heat map of ``df`` (and of ``compare`` against it) into ``path``.
+
+    Columns are query heads; a K/V panel repeats each key/value head's value over the query
+    heads sharing it (:data:`.figures.KV_RULE`), sized by the Q and O blocks of ``df``.
+    """
     a_name = df.attrs.get("task", "A")
     blocks = [b for b in BLOCKS if mass_grid(df, b)[0]]
     if not blocks:
@@ -59,13 +76,16 @@ def plot_mass(df: Any, path: str, *, compare: Any = None, title: str | None = No
             f"task {a_name!r} has no parameter with a head layout, so there is no [layer x head] map to draw; "
             "collect attention projections (the default params) to plot one"
         )
+    H = _query_heads(df, blocks)
     plt, fig, axes = figure(1 if compare is None else 3, len(blocks), (3.4, 3.2 if compare is None else 8.6 / 3))
     from matplotlib.colors import LogNorm, TwoSlopeNorm
 
     if compare is None:
         for ax, b in zip(axes[0], blocks):
             layers, g = mass_grid(df, b)
-            panel(fig, ax, g, layers, f"{b} mass", "magma", _log_norm(LogNorm, g), positive_only=True)
+            g, group = _spread(g, b, H)
+            panel(fig, ax, g, layers, f"{b} mass", "magma", _log_norm(LogNorm, g), positive_only=True, block=b,
+                  group=group, cbar_label="Fisher mass: Σ of the head block's entries")
         return save(plt, fig, path,
                     title or f"Fisher mass per head block: task {a_name!r} (step {df.attrs.get('step', '?')})")
     b_name = compare.attrs.get("task", "B")
@@ -77,16 +97,36 @@ def plot_mass(df: Any, path: str, *, compare: Any = None, title: str | None = No
                 f"tasks {a_name!r} and {b_name!r} hold different {b} head blocks (layers {layers} vs "
                 f"{layers_b}); compare tasks collected on the same model and parameters"
             )
+        (ga, group), (gb, _) = _spread(ga, b, H), _spread(gb, b, H)
         norm = _log_norm(LogNorm, np.concatenate([ga.ravel(), gb.ravel()]))
-        panel(fig, axes[0, col], ga, layers, f"{b}: share of {a_name!r}", "magma", norm, positive_only=True)
-        panel(fig, axes[1, col], gb, layers, f"{b}: share of {b_name!r}", "magma", norm, positive_only=True)
+        kw = {"block": b, "group": group}
+        panel(fig, axes[0, col], ga, layers, f"{b}: share of {a_name!r}", "magma", norm, positive_only=True,
+              cbar_label="share of the task's total Fisher mass", **kw)
+        panel(fig, axes[1, col], gb, layers, f"{b}: share of {b_name!r}", "magma", norm, positive_only=True,
+              cbar_label="share of the task's total Fisher mass", **kw)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.log2(gb / ga)
         ratio[~np.isfinite(ratio)] = np.nan
         lim = max(float(np.nanmax(np.abs(ratio))) if np.isfinite(ratio).any() else 0.0, 1e-3)
         panel(fig, axes[2, col], ratio, layers, f"{b}: log2({b_name!r}/{a_name!r})", "RdBu_r",
-              TwoSlopeNorm(0.0, -lim, lim))
+              TwoSlopeNorm(0.0, -lim, lim), cbar_label=f"log2 share ratio (> 0: {b_name!r} more)", **kw)
     return save(plt, fig, path, title or f"Fisher mass share per head block: {a_name!r} vs {b_name!r}")
+
+
+def _query_heads(df: Any, blocks: Sequence[str]) -> int | None:
+    """H, the query heads per layer, from the Q and O blocks' head indices (None without either)."""
+    widths = [mass_grid(df, b)[1].shape[1] for b in blocks if b in ("Q", "O")]
+    return max(widths) if widths else None
+
+
+def _spread(grid: np.ndarray, block: str, H: int | None) -> tuple[np.ndarray, int | None]:
+    """A K/V grid [layers, H_kv] spread over the H query heads (KV_RULE), and g; Q/O grids as they are."""
+    if block not in ("K", "V"):
+        return grid, None
+    n_kv = grid.shape[1]
+    if H is None or not n_kv or H % n_kv:
+        return grid, None  # H unknown (no Q/O drawn): columns stay kv heads, and the axis says so
+    return per_query_head(grid, H // n_kv), H // n_kv
 
 
 def _log_norm(LogNorm: Any, values: np.ndarray) -> Any:
@@ -98,44 +138,83 @@ def _log_norm(LogNorm: Any, values: np.ndarray) -> Any:
     return LogNorm(lo, hi if hi > lo else lo * 10)
 
 
-def heatmap_png(heat: Mapping[str, Any], path: str, title: str = "QK-OV interference") -> str:
+def heatmap_png(heat: Mapping[str, Any], path: str, title: str = "QK-OV interference",
+                group_size: int | Mapping[Any, int] | None = None) -> str:
     """Draw a QK-OV heat map, one [layers x heads] panel per block, into one PNG; returns ``path``.
 
     ``heat`` is what :meth:`~fisherstore.qkov.QKOVInterference.heatmap` returns (``{"Q": [L, H], ...,
-    "layers": [...]}``); needs matplotlib (``pip install 'fisherstore[plot]'``).
+    "layers": [...], "heads": [...], "group_size": {layer: H / H_kv}}``); its columns are query heads,
+    a K/V one scoring the kv head ``h // g`` that serves query head ``h`` (:data:`.figures.KV_RULE`).
+    ``group_size`` overrides ``heat["group_size"]`` (for a heat map built without it).
+    The figure's caption is :data:`QKOV_CAPTION`: what a cell is, its units, and that
+    higher means more interference. Needs matplotlib (``pip install 'fisherstore[plot]'``).
     Usage: ``fisherstore.heatmap_png(qk.heatmap(C, g, F), "qkov.png")``.
     """
     blocks = [b for b in BLOCKS if b in heat]
     plt, fig, axes = figure(1, len(blocks), (3.2, 3.0), what="heatmap_png")
+    group = _one_group(heat.get("group_size") if group_size is None else group_size)
     for ax, b in zip(axes[0], blocks):
         arr = np.asarray(heat[b])
-        panel(fig, ax, arr, list(heat.get("layers", range(arr.shape[0]))), b, "magma")
-    return save(plt, fig, path, title)
+        heads = list(heat.get("heads", range(arr.shape[1])))
+        kw: dict[str, Any] = {"block": b, "group": group}
+        if b in ("K", "V") and group is None:  # the columns are query heads even when g is unknown
+            kw = {"block": None, "xlabel": "query head (K/V: the kv head serving it)"}
+        panel(fig, ax, arr, list(heat.get("layers", range(arr.shape[0]))), f"{b}: mean score", "magma",
+              heads=heads, cbar_label="score (higher = more)", **kw)
+    return save(plt, fig, path, title, caption=QKOV_CAPTION)
+
+
+def _one_group(groups: int | Mapping[Any, int] | None) -> int | None:
+    """One g for the figure; None when unknown or when the layers differ (no one tick rule fits them all)."""
+    if groups is None or isinstance(groups, int):
+        return groups
+    found = set(groups.values())
+    return found.pop() if len(found) == 1 else None
 
 
 def plot_comparison(rows: Sequence[dict[str, Any]], path: str, title: str = "EMA vs contribution Fisher") -> str:
-    """Per block, a [layer × head] picture of the rank correlation and of log₁₀ of the mass ratio (PNG)."""
+    """Per block, a [layer × head] picture of the rank correlation and of log₁₀ of the mass ratio (PNG).
+
+    Columns are query heads. :func:`~fisherstore.qkov.compare.compare_fishers` names a K/V row by
+    the first query head of its group; its value fills every query head of that group
+    (:data:`.figures.KV_RULE`), ``g`` being H over the number of K (or V) rows per layer.
+    """
     blocks = [b for b in "QKVO" if any(r["block"] == b for r in rows)]
     layers = sorted({r["layer"] for r in rows}, key=lambda k: (isinstance(k, str), k))
-    heads = sorted({r["head"] for r in rows})
-    plt, fig, axes = figure(2, len(blocks), (3.2, 2.8), what="plot_comparison")
+    q_heads = sorted({r["head"] for r in rows if r["block"] in ("Q", "O")})
+    plt, fig, axes = figure(2, len(blocks), (3.2, 3.0), what="plot_comparison")
     from matplotlib.colors import Normalize
 
     for col, b in enumerate(blocks):
-        for row, (field, label, cmap) in enumerate((("spearman", "rank corr.", "viridis"),
-                                                    ("mass_ratio", "log10 mass ratio", "coolwarm"))):
+        mine = [r for r in rows if r["block"] == b]
+        group: int | None = None
+        if b in ("K", "V") and q_heads:
+            per_layer = {len({r["head"] for r in mine if r["layer"] == k}) for k in layers}
+            n_kv = max(per_layer)
+            group = len(q_heads) // n_kv if n_kv and len(q_heads) % n_kv == 0 else None
+        if b in ("K", "V") and group is None:  # H unknown: one column per kv head (the axis says so)
+            heads, span = sorted({r["head"] for r in mine}), 1
+            ticks = list(range(len(heads)))  # rows name a kv head by its group's first query head
+        else:
+            heads, span = (q_heads or sorted({r["head"] for r in mine})), group or 1
+            ticks = heads
+        for row, (field, label, cmap, bar) in enumerate((
+                ("spearman", "rank corr.", "viridis", "Spearman ρ of the block's entries"),
+                ("mass_ratio", "log10 mass ratio", "coolwarm", "log10(contribution mass / EMA mass)"))):
             grid = np.full((len(layers), len(heads)), np.nan)
-            for r in rows:
+            for r in mine:
                 v = r[field]
-                if r["block"] != b or v is None:
+                if v is None:
                     continue  # no value is drawn blank, never as a plausible 0
                 if field == "mass_ratio":
                     v = math.log10(v) if v > 0 else math.nan
-                grid[layers.index(r["layer"]), heads.index(r["head"])] = v
+                first = heads.index(r["head"])
+                grid[layers.index(r["layer"]), first:first + span] = v  # a kv head fills its group's columns
             if field == "mass_ratio":
                 lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
                 norm = Normalize(-(lim or 1), lim or 1)
             else:
                 norm = Normalize(-1, 1)
-            panel(fig, axes[row][col], grid, layers, f"{b}: {label}", cmap, norm)
+            panel(fig, axes[row][col], grid, layers, f"{b}: {label}", cmap, norm, heads=ticks, block=b,
+                  group=group, cbar_label=bar)
     return save(plt, fig, path, title)
