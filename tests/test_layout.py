@@ -387,6 +387,8 @@ def test_new_fields_are_validated_with_the_fix():
 def test_old_layouts_serialise_byte_identically_and_new_ones_round_trip():
     import json
 
+    import fisherstore
+
     # what a store written before issue 20 holds: the new optional fields never appear
     assert json.dumps(A("qkv", 12, 64, fused="conv1d").to_dict()) == (
         '{"kind": "qkv", "num_heads": 12, "num_kv_heads": 12, "head_dim": 64, "head_axis": 1, "fused": "conv1d", '
@@ -416,3 +418,27 @@ def test_labels_and_names_of_the_new_fusions():
     assert blocks == list("QQVVKKQQVVKK") and heads == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3]
     assert dimension_names(2, A("kv", 2, 2, fused="interleaved", v_head_dim=3)) == ("out_heads", "in")
     assert chunk_shape((64, 32), ParamLayout("latent")) == (64, 32)  # row chunks, like an MLP weight
+
+
+@pytest.mark.parametrize("arch, version", [("llama", 1), ("falcon_mha", 1), ("falcon", 3), ("codegen", 3),
+                                           ("deepseek_v3", 3)])
+def test_a_store_is_raised_to_version_3_only_by_the_layouts_older_readers_would_misplace(tmp_path, arch, version):
+    """Falcon's grouped, CodeGen's sharded and MLA's kv/latent layouts need format version 3; an older
+    fisherstore must refuse the store (FormatVersionError) rather than read head blocks from other rows."""
+    import json
+
+    import fisherstore
+
+    from fisherstore import FisherCollector, FormatVersionError
+    from fisherstore.spec.format import FORMAT_VERSION
+    from tests.models import tiny_model, token_batch
+
+    path = tmp_path / "s"
+    with FisherCollector(backend="zarr", path=path, mode="w") as fc:  # the attention projections
+        fc.collect_fisher(tiny_model(arch), token_batch(n=2, seq=6, pad_last=False), task="a")
+    doc = json.load(open(path / "zarr.json"))
+    assert doc["attributes"]["fisherstore"]["format_version"] == version
+    doc["attributes"]["fisherstore"]["format_version"] = FORMAT_VERSION + 1  # as a newer writer would leave it
+    json.dump(doc, open(path / "zarr.json", "w"))
+    with pytest.raises(FormatVersionError, match="Upgrade fisherstore"):
+        fisherstore.open(path, mode="r")

@@ -36,11 +36,11 @@ from ..errors import FisherStoreError, RankFailedError, StorageError, human_byte
 from ..progress import progress_bar
 from ..spec.format import (
     DOC,
-    FORMAT_VERSION,
     StoreDoc,
     array_attributes,
     doc_key,
     param_doc,
+    required_version,
     sample_attributes,
     sample_key,
 )
@@ -145,31 +145,35 @@ class Committer:
             for t in dirty:
                 self.write.discard(t, folded.get(t.name, {}))
             raise storage_error(err, "flush", self.backend, needed, dirty) from err
-        if any(t.new_samples for t in dirty) and doc.format_version < FORMAT_VERSION:
-            self._upgrade(catalog, doc)
+        needed = required_version([p.layout for t in dirty for p in t.params.values()],
+                                   samples=any(t.new_samples for t in dirty))
+        if doc.format_version < needed:
+            self._upgrade(catalog, doc, needed)
         for t in dirty:
             self._commit(t, folded[t.name])
         self._list_new_tasks(catalog, doc)
         self.delete_unpinned()
 
-    def _upgrade(self, catalog: Catalog, doc: StoreDoc) -> None:
-        """Raise the store's format version before the first manifest with per-sample segments lands.
+    def _upgrade(self, catalog: Catalog, doc: StoreDoc, version: int) -> None:
+        """Raise the store's format version before the first manifest that needs it lands.
 
-        A store without them stays at version 1, which older fisherstores open; one with them
-        must be refused by older writers, which would rewrite its manifests without them.
+        A store without per-sample segments stays at version 1, which older fisherstores open;
+        one with them must be refused by older writers, which would rewrite its manifests
+        without them (version 2); one with a version-3 layout by older readers, which would
+        read its head blocks from the wrong rows (spec/format.required_version).
         """
         err: BaseException | None = None
         try:
             if self.group.is_leader:
                 listed = {t.name: t.key for t in catalog if t.listed}
-                self.backend.write_json(DOC, dataclasses.replace(doc, format_version=FORMAT_VERSION,
+                self.backend.write_json(DOC, dataclasses.replace(doc, format_version=version,
                                                                  tasks=listed).to_doc())
         except BaseException as e:
             err = e
         err = self.group.agree(err, "raise the store's format version")
         if err is not None:
             raise storage_error(err, "raising the format version", self.backend, None, []) from err
-        doc.format_version = FORMAT_VERSION
+        doc.format_version = version
 
     def _write_new_nodes(self, tasks: list[TaskState]) -> None:
         """The leader writes the node documents of parameters created since the last commit.

@@ -34,6 +34,7 @@ from .layout import ParamLayout
 
 __all__ = [
     "FORMAT_VERSION",
+    "required_version",
     "ROOT_ATTR",
     "TASK_ATTR",
     "PARAM_ATTR",
@@ -59,7 +60,12 @@ __all__ = [
 ]
 
 #: Bumped on any change an older reader would misread (docs/format.md, "Version rules").
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: What a store holding per-sample segments is written as (version 2 added them).
+SAMPLES_FORMAT_VERSION = 2
+#: Layout kinds and fusions added in version 3: an older reader would misplace their head blocks.
+V3_KINDS = ("kv", "latent")
+V3_FUSED = ("grouped", "sharded")
 #: What a store without per-sample arrays is written as, so older fisherstores still open it.
 BASE_FORMAT_VERSION = 1
 ROOT_ATTR = "fisherstore"
@@ -257,6 +263,22 @@ def json_value(value: Any, where: str) -> Any:
 def param_doc(name: str, shape: Sequence[int], layout: ParamLayout | None) -> dict[str, Any]:
     """The document of a parameter's node (the group holding its generations)."""
     return group_doc(PARAM_ATTR, {"name": name, "shape": list(shape), "layout": layout.to_dict() if layout else None})
+
+
+def required_version(layouts: Sequence[ParamLayout | None], samples: bool = False) -> int:
+    """The lowest format version that holds these layouts (and per-sample segments): what a commit raises a store to.
+
+    A store stays at the lowest version its contents need, so older fisherstores keep
+    opening what they can read; one holding a version-3 layout (MLA's ``kv``/``latent``,
+    Falcon's ``grouped``, CodeGen's ``sharded``) is refused by them with
+    :class:`~fisherstore.FormatVersionError` instead of read through the wrong rows.
+    Usage: ``required_version([layout], samples=True)``.
+    """
+    v = SAMPLES_FORMAT_VERSION if samples else BASE_FORMAT_VERSION
+    for lay in layouts:
+        if lay is not None and (lay.kind in V3_KINDS or lay.fused in V3_FUSED):
+            return FORMAT_VERSION
+    return v
 
 
 def array_attributes(name: str, layout: ParamLayout | None, pending: bool = False) -> dict[str, Any]:
