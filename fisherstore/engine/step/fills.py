@@ -117,6 +117,8 @@ class Fills:
                         p.spare = torch.empty(p.shape, dtype=torch.float32, device=where)
                     target = p.spare
             fill = self.by_name[p.name] = _Fill(target, covered, factor, where)
+            if target is not None and target is p.spare:
+                self._copies(p, fill, True)  # the twin is a second host buffer: reserved like a held copy
         return fill
 
     def _hold(self, p: ParamState, fill: _Fill, region: Region, x: torch.Tensor, alpha: float, donate: bool) -> None:
