@@ -387,7 +387,6 @@ def test_new_fields_are_validated_with_the_fix():
 def test_old_layouts_serialise_byte_identically_and_new_ones_round_trip():
     import json
 
-    import fisherstore
 
     # what a store written before issue 20 holds: the new optional fields never appear
     assert json.dumps(A("qkv", 12, 64, fused="conv1d").to_dict()) == (
@@ -428,7 +427,6 @@ def test_a_store_is_raised_to_version_3_only_by_the_layouts_older_readers_would_
     import json
 
     import fisherstore
-
     from fisherstore import FisherCollector, FormatVersionError
     from fisherstore.spec.format import FORMAT_VERSION
     from tests.models import tiny_model, token_batch
