@@ -79,6 +79,14 @@ def du(path: str) -> int:
     return total
 
 
+def check_scratch_dir(ap: argparse.ArgumentParser, path: str | None) -> None:
+    """Refuse a ``--dir`` that is not an existing directory: argparse's usage error and exit status 2, no traceback."""
+    if path is not None and not os.path.isdir(path):
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        ap.error(f"--dir {path!r} {what}; create it first (on the disk to measure), or leave --dir out for a "
+                 "temporary directory")
+
+
 # -- ceilings -------------------------------------------------------------------------
 def ceilings(scratch: str, size: int = 2 * GiB) -> dict[str, float]:
     """Sequential write+fsync and cold read of a scratch file, and the RAM EMA bandwidth."""
@@ -462,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(run_competitor(json.loads(args.worker))))
         return 0
+    check_scratch_dir(ap, args.dir)
     if args.suite == "quick" and args.layers is None:
         args.layers = 2
     from benchmarks.workloads import state_bytes, workload

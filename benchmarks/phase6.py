@@ -37,7 +37,7 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks.disk_vs_ram import GiB, MiB, ceilings, drop_caches, du, vm_hwm, vm_rss
+from benchmarks.disk_vs_ram import GiB, MiB, ceilings, check_scratch_dir, drop_caches, du, vm_hwm, vm_rss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -274,6 +274,7 @@ def main() -> None:
               "score": worker_score}[kind]
         print(json.dumps(fn(json.loads(spec))))
         return
+    check_scratch_dir(ap, args.dir)
     scratch = tempfile.mkdtemp(prefix="fisherstore-phase6-", dir=args.dir)
     t0 = time.perf_counter()
     res: dict[str, Any] = {"args": vars(args), "ceilings": ceilings(scratch), "runs": {}}

@@ -25,8 +25,8 @@ slices with positive steps (:mod:`fisherstore.spec.regions`).
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
@@ -35,6 +35,8 @@ from ..spec.regions import Region
 from .dims import array_dimension_names
 
 __all__ = ["ArrayBackend", "Medium", "CARRIERS", "raw_array_doc"]
+
+T = TypeVar("T")
 
 #: How each element type fisherstore writes itself is held in numpy (bfloat16 by its bits).
 CARRIERS = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
@@ -164,6 +166,15 @@ class ArrayBackend(abc.ABC):
     @abc.abstractmethod
     def read_json(self, key: str) -> dict[str, Any] | None:
         """The JSON document at ``key`` (e.g. ``"task/zarr.json"``), or None if absent."""
+
+    def read_parsed(self, key: str, parse: Callable[[dict[str, Any] | None], T], kind: Hashable) -> T:
+        """``parse(self.read_json(key))``; a backend on a medium parses the same bytes once per process.
+
+        ``parse`` must depend only on the document and on ``kind`` (say what it makes, and
+        from which key: ``("manifest", task, key)``), and its result must never be mutated:
+        a later read of identical bytes gets the same object.
+        """
+        return parse(self.read_json(key))
 
     @abc.abstractmethod
     def write_json(self, key: str, doc: dict[str, Any], durable: bool = True) -> None:

@@ -71,14 +71,39 @@ def read_region(files: Any, key: str, chunks: tuple[int, ...], carrier: np.dtype
             raise ChunkError(errno.EIO, f"chunk {rel} of {key!r} is damaged: {e}", path, idx) from None
         return np.frombuffer(raw, dtype=carrier).reshape(chunks)
 
+    def place_whole(idx: tuple[int, ...], target: np.ndarray) -> None:
+        # A whole uncompressed chunk into a contiguous ``target`` (its place in the output, or
+        # a buffer of its own): read there directly, the crc into 4 bytes beside it, sparing a
+        # copy of every byte.
+        rel = chunk_key(idx)
+        body, tail = memoryview(target.reshape(-1).view(np.uint8)), bytearray(4 if chain.checksum else 0)
+        got = read_into(f"{key}/{rel}", [body, memoryview(tail)] if tail else [body])
+        if got is None:
+            raise ChunkError(errno.ENOENT, f"chunk file {rel} of {key!r} is missing", files.url_of(f"{key}/{rel}"), idx)
+        want = n + len(tail)
+        problem = (f"it holds {got} bytes, not the chunk's {want} (truncated or padded)" if got != want else
+                   "it failed its crc32c checksum" if tail and not chain.crc_matches(body, tail) else None)
+        if problem:
+            raise ChunkError(errno.EIO, f"chunk {rel} of {key!r} is damaged: {problem}", files.url_of(f"{key}/{rel}"),
+                             idx)
+
+    read_into = getattr(files, "read_into", None) if chain.compressor is None else None
     if len(coords) == 1:
         src, _ = chunk_overlap(region, chunks, coords[0])
-        return fetch(coords[0])[src]  # one chunk: a view of its buffer, no copy
+        if read_into is None:
+            return fetch(coords[0])[src]  # one chunk: a view of its buffer, no copy
+        # One uncompressed local chunk: read it into a fresh writeable array, checked there, and
+        # hand that array over (a whole chunk) or a copy of the part asked for (a small slice
+        # must not keep the whole chunk alive). One buffer, no copy: reading into bytes and then
+        # copying them into a writeable array cost 2 buffers of fresh pages per read (~1,000
+        # page faults, 1.2 ms of a 2 MiB head-block read; benchmarks/results/reads20.md).
+        buf = np.empty(chunks, dtype=carrier)
+        place_whole(coords[0], buf)
+        part = buf[src]
+        return buf if part.shape == buf.shape else part.copy()
     if not coords:
         return np.zeros(region_shape(region), dtype=carrier)
     out = np.empty(region_shape(region), dtype=carrier)
-
-    read_into = getattr(files, "read_into", None) if chain.compressor is None else None
 
     def place(idx: tuple[int, ...]) -> None:
         src, dst = chunk_overlap(region, chunks, idx)
@@ -86,21 +111,6 @@ def read_region(files: Any, key: str, chunks: tuple[int, ...], carrier: np.dtype
         if read_into is not None and target.shape == chunks and target.flags.c_contiguous:
             return place_whole(idx, target)
         out[dst] = fetch(idx)[src]
-
-    def place_whole(idx: tuple[int, ...], target: np.ndarray) -> None:
-        # A whole uncompressed chunk whose place in ``out`` is contiguous: read it there
-        # directly (the crc into 4 bytes beside it), sparing a copy of every byte.
-        rel = chunk_key(idx)
-        body, tail = memoryview(target.reshape(-1).view(np.uint8)), bytearray(4 if chain.checksum else 0)
-        got = read_into(f"{key}/{rel}", [body, memoryview(tail)] if tail else [body])
-        path = files.url_of(f"{key}/{rel}")
-        if got is None:
-            raise ChunkError(errno.ENOENT, f"chunk file {rel} of {key!r} is missing", path, idx)
-        want = n + len(tail)
-        problem = (f"it holds {got} bytes, not the chunk's {want} (truncated or padded)" if got != want else
-                   "it failed its crc32c checksum" if tail and not chain.crc_matches(body, tail) else None)
-        if problem:
-            raise ChunkError(errno.EIO, f"chunk {rel} of {key!r} is damaged: {problem}", path, idx)
 
     if len(coords) >= 4:  # every chunk written before the caller sees ``out``; the first error raises
         list(chunk_pool().map(place, coords))

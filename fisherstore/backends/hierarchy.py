@@ -17,8 +17,10 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
-from collections.abc import Sequence
-from typing import Any
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,7 +33,52 @@ from .chunks import Chain, parse_chain
 from .direct import read_region
 from .files import TEMP_SUFFIX, LocalFiles, check_regular
 
-__all__ = ["HierarchyBackend", "open_medium"]
+__all__ = ["HierarchyBackend", "open_medium", "ParsedDocs"]
+
+T = TypeVar("T")
+
+
+class ParsedDocs:
+    """What documents parsed into, by their exact bytes: a bounded, thread-safe LRU, one per process.
+
+    Opening a store parses its task manifests (~0.5 µs per byte: ~1 ms for a manifest of 128
+    parameters); a reader that opens the store again, or reloads a task no writer changed,
+    reads the same bytes and gets the parse it made before. Keyed by the bytes themselves
+    (never by a file's mtime or inode, which a quick replace can repeat), so a hit is always
+    what parsing would give. At most ``entries`` documents and ``max_bytes`` of them.
+    """
+
+    def __init__(self, entries: int = 64, max_bytes: int = 32 << 20) -> None:
+        self.entries, self.max_bytes = entries, max_bytes
+        self._d: OrderedDict[tuple[Hashable, bytes], Any] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, kind: Hashable, raw: bytes, make: Callable[[], T]) -> T:
+        k = (kind, raw)
+        with self._lock:
+            if k in self._d:
+                self._d.move_to_end(k)
+                return self._d[k]
+        value = make()  # outside the lock: parsing may be slow, and may raise (nothing is kept then)
+        if len(raw) <= self.max_bytes // 4:
+            with self._lock:
+                if k not in self._d:
+                    self._d[k] = value
+                    self._bytes += len(raw)
+                while len(self._d) > self.entries or self._bytes > self.max_bytes:
+                    (_, old), _ = self._d.popitem(last=False)
+                    self._bytes -= len(old)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+            self._bytes = 0
+
+
+#: The process's parsed documents (task manifests; see :meth:`HierarchyBackend.read_parsed`).
+PARSED = ParsedDocs()
 
 
 def open_medium(root: str, *, read_only: bool, storage_options: dict[str, Any] | None = None) -> Medium:
@@ -178,8 +225,15 @@ class HierarchyBackend(ArrayBackend):
     # -- documents and tree ---------------------------------------------------------------------
     def read_json(self, key: str) -> dict[str, Any] | None:
         raw = self.files.get(key)
+        return None if raw is None else self._decode(key, raw)
+
+    def read_parsed(self, key: str, parse: Callable[[dict[str, Any] | None], T], kind: Hashable) -> T:
+        raw = self.files.get(key)
         if raw is None:
-            return None
+            return parse(None)
+        return PARSED.get(kind, raw, lambda: parse(self._decode(key, raw)))
+
+    def _decode(self, key: str, raw: bytes) -> dict[str, Any]:
         try:
             doc = json.loads(raw)
         except (ValueError, RecursionError) as e:

@@ -17,6 +17,7 @@ What changes these states, and where (each under the store's state lock):
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
@@ -39,7 +40,7 @@ from ..spec.format import doc_key, encode_name, generation_key, sample_key
 from ..spec.layout import ParamLayout, chunk_shape
 from ..spec.manifest import ParamEntry, SampleSegment, TaskManifest
 
-__all__ = ["ParamInfo", "ParamState", "TaskState", "Catalog", "unknown_param", "load_task", "committed_keys"]
+__all__ = ["ParamInfo", "ParamState", "TaskState", "Catalog", "unknown_param", "load_task", "read_task", "committed_keys"]
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class TaskState:
     @classmethod
     def from_manifest(cls, m: TaskManifest, key: str) -> TaskState:
         return cls(name=m.name, key=key, step=m.step, tokens_seen=m.tokens_seen, committed_step=m.step,
-                   committed_tokens=m.tokens_seen, commit=m.commit, info=dict(m.info),
+                   committed_tokens=m.tokens_seen, commit=m.commit, info=copy.deepcopy(m.info),
                    params={n: ParamState.from_entry(n, e) for n, e in m.params.items()}, samples=list(m.samples))
 
     def manifest(self) -> TaskManifest:
@@ -277,6 +278,14 @@ def unknown_param(t: TaskState, name: str) -> UnknownParamError:
 def load_task(read_json: Callable[[str], dict[str, Any] | None], name: str, key: str) -> TaskState:
     """A task's state as its committed manifest (read with ``read_json``) records it."""
     return TaskState.from_manifest(TaskManifest.from_doc(read_json(doc_key(key)), name, key), key)
+
+
+def read_task(backend: Any, name: str, key: str) -> TaskState:
+    """:func:`load_task` from ``backend``, whose :meth:`~fisherstore.backends.ArrayBackend.read_parsed`
+    parses a manifest once per process for the same bytes (opening a store again, a reload that
+    finds no new commit). The state is built afresh: the parsed manifest is never mutated."""
+    m = backend.read_parsed(doc_key(key), lambda doc: TaskManifest.from_doc(doc, name, key), ("task", name, key))
+    return TaskState.from_manifest(m, key)
 
 
 def committed_keys(t: TaskState, name: str | None = None, kind: str = "all") -> list[str]:

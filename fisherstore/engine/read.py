@@ -33,7 +33,7 @@ from ..spec.regions import Region, bounded, chunk_coords, chunk_region, region_s
 from .catalog import Catalog, ParamState
 from .iopool import read_ahead
 
-__all__ = ["ReadPath", "read_generation"]
+__all__ = ["ReadPath", "read_generation", "scale_in_place"]
 
 #: How often a racing reader reloads a manifest before it gives up.
 RETRIES = 8
@@ -71,6 +71,19 @@ def read_generation(backend: ArrayBackend, task: str, p: ParamState, gen: int, r
         ) from e
     # torch.from_numpy needs a writeable, contiguous float32 buffer; copy only if not.
     return np.require(data, np.float32, ["C", "W"])
+
+
+def scale_in_place(data: np.ndarray, scale: float) -> None:
+    """``data *= scale`` in fp32, bit for bit what ``torch.Tensor.mul_(scale)`` gives; nothing when 1.
+
+    On one thread (numpy): a head block is 2 MiB, which one core scales in ~0.05 ms,
+    while torch's two-thread kernel waits for a second core that a busy 2-core machine
+    may not give it for milliseconds (measured: 0.1 ms to 4 ms per 2 MiB mul_ in a
+    new-handle read; benchmarks/results/reads20.md). Both round ``scale`` to fp32 once
+    and multiply in IEEE fp32, so the values are identical.
+    """
+    if scale != 1.0:
+        np.multiply(data, np.float32(scale), out=data)
 
 
 def _bad_chunks(backend: ArrayBackend, p: ParamState, gen: int, region: Region) -> list[tuple[int, ...]]:
@@ -174,8 +187,9 @@ class ReadPath:
         if snap.src is None:
             out = torch.zeros(region_shape(region), dtype=torch.float32)
         else:
-            out = torch.from_numpy(read_generation(self.backend, task, snap.param, snap.src, region))
-            out.mul_(snap.src_scale)
+            data = read_generation(self.backend, task, snap.param, snap.src, region)
+            scale_in_place(data, snap.src_scale)
+            out = torch.from_numpy(data)
         if snap.acc is not None:
             out.add_(snap.acc, alpha=snap.acc_scale)
         return out

@@ -25,6 +25,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from ..errors import InvalidArgumentError, NoEmaStepError, TaskMismatchError
 from ..spec.regions import Region, bounded, region_shape
 from ..spec.samples import contribution_mean
 
-__all__ = ["FISHERS", "BlockJob", "plan_blocks", "block_inputs", "weighted_gram", "top_conflicts", "TILE",
+__all__ = ["FISHERS", "BlockJob", "plan_blocks", "block_inputs", "weighted_gram", "top_conflicts", "TILE", "scoring_threads",
            "require_ema_step", "check_same_geometry", "GEOMETRY_FIELDS", "USE_CONTRIBUTION"]
 
 FISHERS = ("ema", "contribution")
@@ -197,6 +198,29 @@ def _read_blocks(store: Any, jobs: Sequence[BlockJob], task_a: str, task_b: str,
     window = min(2 * workers, memory_budget // per_job)
     for job, (g_a, g_b, F) in read_ahead(jobs, read, window, workers, "fisherstore-phase6"):
         yield job, g_a, g_b, F
+
+
+@contextlib.contextmanager
+def scoring_threads(device: torch.device) -> Iterator[None]:
+    """Score on all cores but one while the block reads run (CPU only; torch's thread count is restored after).
+
+    The reads of an out-of-core heat map are CPU work too: the kernel copies every chunk
+    out of the page cache, the crc32c of every chunk is checked, and the reading threads
+    run Python. With torch's intra-op threads on every core, each of the ~160 parallel
+    regions per head block waits at its barrier for a thread the readers have taken the
+    core from: on a 2-core machine the scoring then ran 3-5x slower than on one thread
+    (benchmarks/results/reads20.md). One core left to the readers keeps both busy.
+    Usage: ``with scoring_threads(torch.device("cpu")): ... weighted_gram(...) ...``.
+    """
+    before = torch.get_num_threads()
+    if device.type != "cpu" or before <= 1:
+        yield
+        return
+    torch.set_num_threads(before - 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 #: Elements per row of one tile of :func:`weighted_gram`: two [n, TILE] fp32 operands of a

@@ -32,7 +32,7 @@ from ..spec.layout import BLOCKS
 from ..spec.samples import token_divisors
 from ..store.lazy import LazyFisher
 from .indexer import BlockHeadSlice, QKOVIndexer
-from .outofcore import BlockJob, block_inputs, plan_blocks, top_conflicts, weighted_gram
+from .outofcore import BlockJob, block_inputs, plan_blocks, scoring_threads, top_conflicts, weighted_gram
 
 __all__ = ["QKOVInterference"]
 
@@ -193,7 +193,7 @@ class QKOVInterference:
         jobs = plan_blocks(self.indexer, layers, heads, blocks)
         self._check_indexer(store, task_a, jobs)
         inputs = block_inputs(store, jobs, task_a, task_b, fisher, fisher_task, budget)  # refuses before reading
-        with progress_bar(len(jobs), progress, "QK-OV blocks", unit="block") as bar:
+        with progress_bar(len(jobs), progress, "QK-OV blocks", unit="block") as bar, scoring_threads(device):
             for job, g_a, g_b, F in inputs:
                 den, _ = self.denominator(F)
                 s = weighted_gram(g_a, g_b, den.reciprocal_(), device).to("cpu", torch.float64) * per_pair

@@ -38,7 +38,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 from ..backends import ArrayBackend
-from ..engine.catalog import Catalog, ParamInfo, ParamState, TaskState, committed_keys, load_task
+from ..engine.catalog import Catalog, ParamInfo, ParamState, TaskState, committed_keys, read_task
 from ..engine.commit import Committer
 from ..engine.dist import RankGroup
 from ..engine.generations import WritePath
@@ -134,7 +134,7 @@ class FisherStore(WriteMethods, ReadMethods, SampleMethods):
         self.codecs = CodecSpec.from_dict(self._doc.codecs)
 
     def _load_task(self, name: str, key: str) -> TaskState:
-        t = load_task(self._backend.read_json, name, key)
+        t = read_task(self._backend, name, key)
         for i, p in enumerate(t.params.values()):
             self._place(p, i)
         return t
