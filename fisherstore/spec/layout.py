@@ -57,6 +57,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -271,6 +272,11 @@ class ParamLayout:
         Usage: ``ParamLayout.attention("qkv", 8, 4, 2, fused="grouped").pattern()`` is
         ``(2, (("Q", 4, 4), ("K", 1, 4), ("V", 1, 4)))``.
         """
+        return self._pattern
+
+    @functools.cached_property
+    def _pattern(self) -> tuple[int, tuple[tuple[str, int, int], ...]]:
+        # Cached: a head-block read asks for it every time, and the layout is frozen.
         self._require_heads()
         if self.fused in ("interleaved", "grouped"):
             repeats = self.num_kv_heads
