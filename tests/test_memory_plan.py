@@ -60,10 +60,10 @@ def test_a_budget_of_1_25x_the_state_keeps_at_least_90_percent_resident(tmp_path
     fc.close()
 
 
-def test_the_plan_spends_under_an_eighth_on_io_and_the_queue_takes_what_is_left():
+def test_the_plan_spends_under_a_quarter_on_io_and_the_queue():
     for total in (20 << 20, 100 << 20, 1 << 30, 16 << 30):
         plan = MemoryPlan.from_budget(total)
-        assert plan.io_bytes + plan.queue_bytes <= total // 8, plan.describe()
+        assert plan.io_bytes <= total // 10 and plan.queue_bytes <= total // 8, plan.describe()
         assert plan.io_bytes + plan.queue_bytes + plan.resident_bytes == total
 
 
