@@ -150,10 +150,14 @@ class Residency:
         self._acc: dict[str, int] = {}  # device -> bytes reserved for accumulators
         self._staging: dict[str, int] = {}  # device -> bytes reserved for per-step sums
 
-    def admit(self, nbytes: int, held_copy: bool = True) -> bool:
-        """Whether a parameter of ``nbytes`` joins the resident set (reserving its accumulator, and a held copy)."""
+    def admit(self, nbytes: int, held_copy: bool = True, queue_too: bool = False) -> bool:
+        """Whether a parameter of ``nbytes`` joins the resident set (reserving its accumulator, and a held copy).
+
+        ``queue_too``: it may take the queue's floor as well, because nothing will be left to
+        stream (the caller knows every parameter fits).
+        """
         cost = (2 if held_copy else 1) * nbytes
-        if self.host_bytes + cost > self.plan.resident_bytes:
+        if self.host_bytes + cost > self.plan.resident_bytes + (self.plan.queue_bytes if queue_too else 0):
             return False
         self.host_bytes += cost
         return True
@@ -186,7 +190,9 @@ class Residency:
         bounds streaming) and only raises peak RSS by the buffers each queued write allocates.
         """
         deep = max(0, (self.plan.total - self.plan.io_bytes) // 4 - self.plan.queue_bytes)
-        return self.plan.queue_bytes + min(self.free_bytes, deep)
+        # Never past what the accumulators leave (they may have taken the floor: admit(queue_too=True)).
+        left = max(0, self.plan.total - self.plan.io_bytes - self.host_bytes)
+        return min(self.plan.queue_bytes + min(self.free_bytes, deep), left)
 
     def room(self, device: torch.device) -> int:
         """Bytes fisherstore may take on ``device`` (measured once, at first use)."""
