@@ -293,7 +293,7 @@ def report(res: dict[str, Any], cmd: str) -> str:
               f"forward/backward {b['plain_s']:.2f} s per batch.", "",
               "| path | s per batch | × plain | passes | note |", "|---|---|---|---|---|",
               f"| multi-pass (`collect_fisher_dataset`) | {mp['per_batch_s']:.2f} | {mp['per_batch_s'] / b['plain_s']:.2f}× "
-              f"| {mp['passes']} | capacity {mp['capacity_bytes'] / MiB:.0f} MiB after the folds' chunks; write of the "
+              f"| {mp['passes']} | capacity {mp['capacity_bytes'] / MiB:.0f} MiB, each pass leaving its fold's headroom; write of the "
               f"state {mp['write_s']:.2f} s in all |",
               f"| streamed (`collect_fisher` per batch + flush) | {st['per_batch_s']:.2f} | "
               f"{st['per_batch_s'] / b['plain_s']:.2f}× | 1 | {st['resident_params']}/{st['params']} parameters "
