@@ -107,6 +107,20 @@ class WritePath:
         if self.residency.admit(p.nbytes, held_copy=not donated, queue_too=queue_too):
             p.resident, p.held_copy = True, not donated
 
+    def evict(self, t: TaskState, p: ParamState) -> None:
+        """Take ``p`` out of the resident set between its steps: its accumulator is folded into a working
+        generation (as a streamed step leaves it; the next flush commits it) and freed, and ``p`` streams.
+
+        For a resident parameter whose next step would need a copy the budget cannot hold
+        (:meth:`Residency.fits_copy`). On a write error nothing changes: ``p`` stays resident.
+        """
+        if p.a_last is not None:
+            self.fold_to_work(t, [p.name])
+        with self.lock:
+            self.unplace(t.name, p)
+            self.residency.release(p.nbytes, p.held_copy)
+            p.resident, p.held_copy = False, True
+
     def unplace(self, task: str, p: ParamState) -> None:
         """Drop ``p``'s accumulator buffers (holding nothing unflushed) and any device reservation."""
         held = self.on_device.pop((task, p.name), None)

@@ -173,10 +173,15 @@ class Residency:
     def take_copy(self, nbytes: int) -> None:
         """A resident parameter's step must be copied (the caller keeps its tensor): reserve the copy again.
 
-        It is taken even past the plan, since the parameter's accumulator already holds
-        unflushed steps; :meth:`queue_bound` shrinks by as much.
+        The step writer asks :meth:`fits_copy` first; where the copy does not fit it evicts
+        the parameter instead (:meth:`fisherstore.engine.generations.WritePath.evict`), so
+        the reservation stays within the resident set and the queue's floor.
         """
         self.host_bytes += nbytes
+
+    def fits_copy(self, nbytes: int) -> bool:
+        """Whether a held copy of ``nbytes`` fits the resident set and the queue's floor."""
+        return self.host_bytes + nbytes <= self.plan.resident_bytes + self.plan.queue_bytes
 
     @property
     def free_bytes(self) -> int:

@@ -121,6 +121,15 @@ class Fills:
                 self._copies(p, fill, True)  # the twin is a second host buffer: reserved like a held copy
         return fill
 
+    def needs_copy(self, p: ParamState, region: Region, x: torch.Tensor, donate: bool) -> bool:
+        """Whether holding ``x`` for ``p`` would take a host buffer its residency has not reserved."""
+        fill = self.by_name.get(p.name)
+        if fill is not None and (fill.target is not None or fill.held is not None):
+            return False  # a twin, or a held sum of ours to add into
+        on_host = (p.acc.device.type == "cpu") if p.acc is not None else x.device.type == "cpu"
+        whole = region == full_region(p.shape) and x.dtype == torch.float32 and x.is_contiguous()
+        return on_host and not p.held_copy and self.path.replaying != self.task and not (whole and donate)
+
     def _hold(self, p: ParamState, fill: _Fill, region: Region, x: torch.Tensor, alpha: float, donate: bool) -> None:
         """Keep ``x`` for the fold (the step's first, whole and donated input is kept as it is; no copy)."""
         moved = x.device != fill.device

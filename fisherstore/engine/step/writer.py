@@ -117,7 +117,12 @@ class StepWriter(Transaction):
             )
         region = aligned_region(region, p.shape, p.chunks, p.name)
         x = prepare_grad_sq(grad_sq, name, region_shape(region))
-        self.path.admit(self.task_state, p, donated=donate and region == full_region(p.shape))
+        if p.name not in self.streamed:  # streamed earlier in this step: it stays streamed until the commit
+            self.path.admit(self.task_state, p, donated=donate and region == full_region(p.shape))
+        if p.resident and self.fills.needs_copy(p, region, x, donate) and not self.path.residency.fits_copy(p.nbytes):
+            # A kept input needs a copy the budget cannot hold: the accumulator goes to disk (a working
+            # generation at its last step) and the parameter streams from here, within the budget.
+            self.path.evict(self.task_state, p)
         if not (trusted and p.resident):
             bad = self.checks.watch(name, x)  # CPU: judged now; a device: read at settle
             if bad is not None:
