@@ -36,9 +36,11 @@ import tempfile
 import time
 from typing import Any
 
+from benchmarks.disk_vs_ram import GiB, MiB, drop_caches
+from benchmarks.phase6 import cold_read
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-MiB, GiB = 1 << 20, 1 << 30
 Q = "model.layers.0.self_attn.q_proj.weight"
 O = "model.layers.0.self_attn.o_proj.weight"  # noqa: E741
 
@@ -183,26 +185,6 @@ def worker_heatmap(path: str) -> dict[str, Any]:
         qk.heatmap_from_store(store, "a", "b", fisher="ema", blocks="Q", memory_budget=GiB, progress=False)
         dt = time.perf_counter() - t0
     return {"seconds": dt, "bytes": nbytes, "GBps": nbytes / dt / 1e9, "cold": cold}
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def cold_read(path: str) -> float:
-    """GB/s of one cold sequential read of ``path`` in 64 MiB reads (the disk's read ceiling, now)."""
-    drop_caches()
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.read(64 * MiB):
-            pass
-    return os.path.getsize(path) / (time.perf_counter() - t0) / 1e9
 
 
 # -- the driver ---------------------------------------------------------------------------------

@@ -99,12 +99,16 @@ class WritePath:
         """
         if p.resident or not p.owned or p.work_gen is not None or self.replaying == t.name:
             return
-        # When every parameter still to place fits with the queue's floor, nothing will stream:
-        # the floor may hold accumulators too (1.25 x S keeps all resident on small models).
-        rest = sum(q.nbytes for q in t.params.values() if q.owned and not q.resident)
-        queue_too = self.residency.host_bytes + rest * (1 if donated else 2) <= (self.plan.resident_bytes
-                                                                                 + self.plan.queue_bytes)
-        if self.residency.admit(p.nbytes, held_copy=not donated, queue_too=queue_too):
+        copies = 1 if donated else 2
+        admitted = self.residency.admit(p.nbytes, held_copy=not donated)
+        if not admitted:
+            # When every parameter still to place fits with the queue's floor, nothing will stream:
+            # the floor may hold accumulators too (1.25 x S keeps all resident on small models).
+            # Summed only here, where the plain admission failed: not on every first feed.
+            rest = sum(q.nbytes for q in t.params.values() if q.owned and not q.resident)
+            if self.residency.host_bytes + rest * copies <= self.plan.resident_bytes + self.plan.queue_bytes:
+                admitted = self.residency.admit(p.nbytes, held_copy=not donated, queue_too=True)
+        if admitted:
             p.resident, p.held_copy = True, not donated
 
     def evict(self, t: TaskState, p: ParamState) -> None:

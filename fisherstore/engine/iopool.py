@@ -45,11 +45,6 @@ class IOPool:
     :meth:`~fisherstore.engine.memory.Residency.queue_bound`).
     """
 
-    @property
-    def queue_bytes(self) -> int:
-        """The bound now."""
-        return self._bound()
-
     def __init__(self, workers: int, queue_bytes: int | Callable[[], int]) -> None:
         self.workers = max(0, workers)
         # A callable bound follows the memory plan: what the resident set leaves is the queue's.

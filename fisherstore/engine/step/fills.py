@@ -127,22 +127,21 @@ class Fills:
         if fill is not None and (fill.target is not None or fill.held is not None):
             return False  # a twin, or a held sum of ours to add into
         on_host = (p.acc.device.type == "cpu") if p.acc is not None else x.device.type == "cpu"
-        whole = region == full_region(p.shape) and x.dtype == torch.float32 and x.is_contiguous()
-        return on_host and not p.held_copy and self.path.replaying != self.task and not (whole and donate)
+        return on_host and not p.held_copy and self.path.replaying != self.task and not _kept_as_is(p, region, x,
+                                                                                                    donate)
 
     def _hold(self, p: ParamState, fill: _Fill, region: Region, x: torch.Tensor, alpha: float, donate: bool) -> None:
         """Keep ``x`` for the fold (the step's first, whole and donated input is kept as it is; no copy)."""
-        moved = x.device != fill.device
+        moved = x.device != fill.device  # .to() made it ours
         x = x.to(fill.device)
         fill.held_alpha = alpha
         if fill.held is None:
-            whole = region == full_region(p.shape) and x.dtype == torch.float32 and x.is_contiguous()
-            if whole and (donate or moved):  # ours: kept as it is
+            if _kept_as_is(p, region, x, donate or moved):
                 self._copies(p, fill, False)
                 fill.held = x
                 return
             self._copies(p, fill, True)
-            if whole:
+            if region == full_region(p.shape):
                 fill.held = x.clone()
                 return
             fill.held = torch.zeros(p.shape, dtype=torch.float32, device=fill.device)
@@ -272,6 +271,11 @@ class Fills:
             elif fill.target is not p.acc:
                 p.acc, p.spare = fill.target, p.acc
             p.a_last = self.t
+
+
+def _kept_as_is(p: ParamState, region: Region, x: torch.Tensor, ours: bool) -> bool:
+    """Whether a step's first input of ``p`` is held as it is (no copy): ours, whole, fp32 and contiguous."""
+    return ours and region == full_region(p.shape) and x.dtype == torch.float32 and x.is_contiguous()
 
 
 def _fold(p: ParamState, fill: _Fill) -> None:
