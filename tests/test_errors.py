@@ -135,7 +135,7 @@ def test_newer_format_version_is_refused(tmp_path, backend):
     doc["attributes"]["fisherstore"]["written_by"] = "fisherstore 9.0"
     (tmp_path / "s" / "zarr.json").write_text(json.dumps(doc))
     for mode in ("r", "a"):
-        with pytest.raises(FormatVersionError, match=r"format version 99.*up to 3.*Upgrade"):
+        with pytest.raises(FormatVersionError, match=r"format version 99.*up to 4.*Upgrade"):
             fisherstore.open(tmp_path / "s", mode=mode, backend=backend)
 
 

@@ -200,6 +200,10 @@ class TaskState:
             "commit": self.commit,
             "tokens_seen": self.tokens_seen,
             "estimator": self.info.get("estimator"),
+            # Absent means empirical: every task collected before the true Fisher existed was.
+            "fisher_type": self.info.get("fisher_type", "empirical" if self.info.get("estimator") in (
+                "micro_batch", "batch") else None),
+            "mc_samples": self.info.get("mc_samples"),
             "model": self.info.get("model"),
             "user": self.info.get("user", {}),
             "params": {

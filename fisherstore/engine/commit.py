@@ -146,7 +146,7 @@ class Committer:
                 self.write.discard(t, folded.get(t.name, {}))
             raise storage_error(err, "flush", self.backend, needed, dirty) from err
         needed = required_version([p.layout for t in dirty for p in t.params.values()],
-                                   samples=any(t.new_samples for t in dirty))
+                                   samples=any(t.new_samples for t in dirty), infos=[t.info for t in dirty])
         if doc.format_version < needed:
             self._upgrade(catalog, doc, needed)
         for t in dirty:

@@ -60,7 +60,12 @@ __all__ = [
 ]
 
 #: Bumped on any change an older reader would misread (docs/format.md, "Version rules").
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+#: Version 3 added layout kinds and fusions (below); version 4 the estimators "adam" and "anchor" and
+#: the true Fisher (``fisher_type`` "mc"/"exact"), which an older reader would take for an empirical Fisher.
+LAYOUT_FORMAT_VERSION = 3
+#: Task fields that need version 4: (field, values an older reader understands).
+V4_INFO = (("estimator", (None, "micro_batch", "batch")), ("fisher_type", (None, "empirical")))
 #: What a store holding per-sample segments is written as (version 2 added them).
 SAMPLES_FORMAT_VERSION = 2
 #: Layout kinds and fusions added in version 3: an older reader would misplace their head blocks.
@@ -265,19 +270,25 @@ def param_doc(name: str, shape: Sequence[int], layout: ParamLayout | None) -> di
     return group_doc(PARAM_ATTR, {"name": name, "shape": list(shape), "layout": layout.to_dict() if layout else None})
 
 
-def required_version(layouts: Sequence[ParamLayout | None], samples: bool = False) -> int:
+def required_version(layouts: Sequence[ParamLayout | None], samples: bool = False,
+                     infos: Sequence[dict[str, Any]] = ()) -> int:
     """The lowest format version that holds these layouts (and per-sample segments): what a commit raises a store to.
 
     A store stays at the lowest version its contents need, so older fisherstores keep
     opening what they can read; one holding a version-3 layout (MLA's ``kv``/``latent``,
     Falcon's ``grouped``, CodeGen's ``sharded``) is refused by them with
     :class:`~fisherstore.FormatVersionError` instead of read through the wrong rows.
-    Usage: ``required_version([layout], samples=True)``.
+    A task whose ``infos`` (its manifest's estimator and fisher_type) an older reader would
+    take for an empirical Fisher (an Adam import, an anchor, the true Fisher) needs version 4.
+    Usage: ``required_version([layout], samples=True, infos=[{"estimator": "adam"}])``.
     """
+    for info in infos:
+        if any(info.get(k) not in old for k, old in V4_INFO):
+            return FORMAT_VERSION
     v = SAMPLES_FORMAT_VERSION if samples else BASE_FORMAT_VERSION
     for lay in layouts:
         if lay is not None and (lay.kind in V3_KINDS or lay.fused in V3_FUSED):
-            return FORMAT_VERSION
+            return LAYOUT_FORMAT_VERSION
     return v
 
 

@@ -17,12 +17,17 @@ from .fields import as_dict, as_int, as_ints, damaged, key_field
 from .format import TASK_ATTR, doc_key, encoded, group_doc, node_attr
 from .layout import ParamLayout
 
-__all__ = ["ParamEntry", "SampleSegment", "TaskManifest", "SAMPLE_DTYPES", "ESTIMATORS"]
+__all__ = ["ParamEntry", "SampleSegment", "TaskManifest", "SAMPLE_DTYPES", "ESTIMATORS", "FISHER_TYPES"]
 
 #: The task manifest's fields besides the parameters and samples; anything else in it is user info.
-_INFO_KEYS = ("estimator", "model", "user")
+_INFO_KEYS = ("estimator", "model", "user", "fisher_type", "mc_samples")
 #: What a step's ``x`` is (docs/format.md, docs/design.md "What x is"); a manifest may also leave it unset.
-ESTIMATORS = ("micro_batch", "batch")
+#: ``"adam"``: an imported Adam ``exp_avg_sq`` ((∇ mean loss)², β = β2); ``"anchor"``: a task holding
+#: weights θ* (an EWC anchor), not a Fisher. Both are format version 4.
+ESTIMATORS = ("micro_batch", "batch", "adam", "anchor")
+#: Which labels the squared gradients are of: the data's (``"empirical"``), drawn from the model's
+#: predictive distribution (``"mc"``), or its exact expectation over every label (``"exact"``).
+FISHER_TYPES = ("empirical", "mc", "exact")
 #: Element types of per-sample gradient arrays (Zarr v3 data types; bfloat16 is the registered extension).
 SAMPLE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -195,6 +200,10 @@ class TaskManifest:
             raise damaged(where, f"estimator = {info['estimator']!r} is not one of {ESTIMATORS}")
         for k in ("model", "user"):
             as_dict(info.get(k), where, k, optional=True)
+        if info.get("fisher_type") not in (*FISHER_TYPES, None):
+            raise damaged(where, f"fisher_type = {info['fisher_type']!r} is not one of {FISHER_TYPES}")
+        if "mc_samples" in info:
+            as_int(info["mc_samples"], where, "mc_samples")
         layouts: dict[str, ParamLayout] = {}
         params = as_dict(body.get("params", {}), where, "params")
         raw = body.get("samples", [])

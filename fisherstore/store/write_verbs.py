@@ -6,17 +6,27 @@ Each is a few lines over :mod:`fisherstore.engine.step` (one step), :mod:`fisher
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import torch
 
 from ..engine.catalog import ParamState, TaskState
 from ..engine.replay import Replay
 from ..engine.step.writer import StepWriter
-from ..errors import FisherStoreError, FlushError, InvalidArgumentError, StepError
+from ..errors import (
+    FisherStoreError,
+    FlushError,
+    InvalidArgumentError,
+    NonFiniteGradientError,
+    ShapeMismatchError,
+    StepError,
+    UnknownParamError,
+)
 from ..spec.ema import validate_decay
 from ..spec.format import encode_name, json_value
 from ..spec.layout import ParamLayout
-from ..spec.manifest import ESTIMATORS
+from ..spec.manifest import ESTIMATORS, FISHER_TYPES
 from .base import StoreBase
 
 
@@ -24,22 +34,34 @@ class WriteMethods(StoreBase):
     """``create``, ``set_metadata``, ``update``, ``begin_step``, ``flush``, ``replay``."""
 
     def set_metadata(
-        self, task: str, *, estimator: str | None = None, model: Mapping[str, Any] | None = None, **user: Any
+        self, task: str, *, estimator: str | None = None, model: Mapping[str, Any] | None = None,
+        fisher_type: str | None = None, mc_samples: int | None = None, **user: Any
     ) -> None:
         """Record the estimator, a model description and free-form fields for ``task`` (committed by the next flush).
 
+        ``fisher_type`` (``"empirical"``, ``"mc"``, ``"exact"``) and ``mc_samples`` say whose
+        labels the squares are of; :class:`~fisherstore.FisherCollector` records them.
         Values must be JSON: numbers (numpy scalars are converted), strings, bools, None,
         lists and dicts. Anything else is refused here, and nothing of the call is kept.
+        Usage: ``store.set_metadata("math", estimator="micro_batch", lr=3e-4)``.
         """
         self._check_writable("set_metadata")
         t = self._cat().task(task)
         if estimator not in (*ESTIMATORS, None):
             raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS} (or None: unchanged), got {estimator!r}")
+        if fisher_type not in (*FISHER_TYPES, None):
+            raise InvalidArgumentError(f"fisher_type must be one of {FISHER_TYPES} (or None: unchanged), got {fisher_type!r}")
+        if mc_samples is not None and (isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1):
+            raise InvalidArgumentError(f"mc_samples must be a positive int (or None: unchanged), got {mc_samples!r}")
         model = json_value(dict(model), "model") if model is not None else None
         user = json_value(user, "set_metadata()") if user else {}
         with self._state_lock:
             if estimator is not None:
                 t.info["estimator"] = estimator
+            if fisher_type is not None:
+                t.info["fisher_type"] = fisher_type
+            if mc_samples is not None:
+                t.info["mc_samples"] = mc_samples
             if model is not None:
                 t.info["model"] = model
             if user:
@@ -166,6 +188,75 @@ class WriteMethods(StoreBase):
             raise StepError("flush() inside an open step; leave the step's `with` block first")
         self._commit.flush(self._catalog, self._doc)
         self._steps_since_flush = 0
+
+    def write_state(self, task: str, states: Mapping[str, Any] | Iterable[tuple[str, Any]], step: int, *,
+                    tokens: int = 0) -> list[str]:
+        """Write ``task``'s raw EMA state ``F`` as it stands at ``step``, one parameter at a time: an import.
+
+        For state computed elsewhere with the same recurrence, ``F_t = β·F_{t-1} + (1-β)·x_t``:
+        Adam's ``exp_avg_sq`` with β = β2 (:func:`fisherstore.import_adam`), or weights kept as
+        they are (:meth:`~fisherstore.FisherStore.save_anchor`). The readout is then exactly
+        ``F / (1 - β^step)`` (``bias_corrected=False``: ``F`` itself). Each parameter must be
+        created first (:meth:`create`, with its β) and hold nothing: the task must be new (step
+        0, nothing flushed). ``states`` may be a generator, so only one parameter's tensor
+        need be in RAM: each is written to an uncommitted generation as it comes, and the
+        next flush commits the task at ``step`` with ``tokens`` seen. On any error, what the
+        call wrote is deleted and the task is as before. Returns the names written, in order.
+        Usage: ``store.create("adam", n, shape, decay=0.999); store.write_state("adam", {n: v}, step=1000)``.
+        """
+        self._check_writable("write_state")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise InvalidArgumentError(f"step must be a positive int (the step the state is current at), got {step!r}")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise InvalidArgumentError(f"tokens must be an int >= 0, got {tokens!r}")
+        if self.group.world_size > 1:
+            raise InvalidArgumentError(
+                "write_state runs in one process: open the store without a group to import a state")
+        if self._active is not None:
+            raise StepError(f"write_state inside an open step of task {self._active.task!r}; leave the step first")
+        t = self._cat().task(task)
+        if t.step != 0 or t.tokens_seen != 0:
+            raise StepError(
+                f"task {task!r} is at step {t.step} with {t.tokens_seen} tokens seen; write_state imports a whole "
+                "state into a new task. Write it under a new task name, or open the store with mode='w'"
+            )
+        items = states.items() if isinstance(states, Mapping) else states
+        written: dict[str, int] = {}
+        try:
+            for name, value in items:
+                p = t.params.get(name)
+                if p is None:
+                    raise UnknownParamError(
+                        f"task {task!r} has no parameter {name!r}; create it first: store.create({task!r}, {name!r}, "
+                        "shape, layout, decay=β)")
+                if name in written or p.latest()[0] is not None or p.a_last is not None:
+                    raise StepError(f"parameter {name!r} of task {task!r} already holds a state; write_state writes "
+                                    "each parameter of a new task once")
+                x = torch.as_tensor(value).detach()
+                if tuple(x.shape) != p.shape:
+                    raise ShapeMismatchError(
+                        f"the state of {name!r} has shape {tuple(x.shape)}, but the parameter was created with "
+                        f"{p.shape}")
+                x = x.to("cpu", torch.float32).contiguous()  # no copy if it is one: the fold only reads it
+                if not bool(torch.isfinite(x).all()):
+                    raise NonFiniteGradientError(
+                        f"the state of {name!r} holds NaN or Inf; nothing of task {task!r} was written. Check the "
+                        "source (an optimizer state after an overflow?)")
+                with self._state_lock:
+                    p.acc, p.a_last = x, step
+                written.update(self._write.fold_to_work(t, [name], free=True))
+        except BaseException:
+            with self._state_lock:
+                self._write.discard(t, written)
+                for name in written:
+                    p = t.params[name]
+                    p.work_gen, p.work_t, p.a_last, p.acc = None, 0, None, None
+            raise
+        with self._state_lock:
+            for name in written:
+                t.params[name].updates = step
+            t.step, t.tokens_seen, t.changed = step, tokens, True
+        return list(written)
 
     def replay(self, task: str, names: Sequence[str], *, in_place: bool = True) -> Replay:
         """A multi-pass run's hold on ``task`` (:mod:`fisherstore.engine.replay`): rewind it per pass, write each
