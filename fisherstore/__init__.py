@@ -19,6 +19,8 @@ folder              what it holds
 ``engine/``         what a store does underneath: steps, commits, recovery, reads, memory
 ``store/``          :class:`FisherStore`, :func:`open`, and the lazy views it hands out
 ``collect/``        :class:`FisherCollector`: models, micro-batch loops, multi-pass, samples
+``optimizers/``     an optimizer's own statistics as a Fisher: :func:`import_adam`
+``consumers/``      what uses a Fisher, out of core: :func:`ewc_penalty`, :func:`merge`
 ``qkov/``           QK-OV interference (Phase 6), in RAM and out of core
 ``views/``          Dask, xarray, pandas and pictures for notebooks
 ``integrations/``   the Hugging Face ``Trainer`` callback; gradients a training loop has
@@ -38,10 +40,12 @@ from . import losses
 from ._version import __version__
 from .collect.collector import FisherCollector
 from .collect.models import layouts_from_model
+from .consumers import ewc_penalty, merge
 from .engine.catalog import ParamInfo
 from .engine.dist import RankGroup
 from .engine.options import StoreOptions
 from .errors import *  # noqa: F403 - every error class, as errors.__all__ lists them
+from .optimizers import import_adam
 from .spec.codecs import CodecSpec
 from .spec.layout import ParamLayout
 from .store import FisherStore, StepWriter
@@ -66,5 +70,8 @@ __all__ = [
     "RankGroup",
     "heatmap_png",
     "plot_mass",
+    "import_adam",
+    "ewc_penalty",
+    "merge",
     *_errors.__all__,
 ]

@@ -113,7 +113,7 @@ FLOORS = [
     {"backends"},
     {"engine"},
     {"store"},
-    {"collect", "views"},
+    {"collect", "views", "optimizers", "consumers"},
     {"qkov"},
     {"integrations", "testing"},
     {"cli"},
