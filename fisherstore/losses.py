@@ -16,7 +16,25 @@ loss               models                                       targets
                                                                 shifting them right
 ``masked_lm``      BERT, RoBERTa, ... (``*ForMaskedLM``)        ``labels`` as given (required):
                                                                 -100 except at masked positions
+``classification`` any classifier: ``model(batch["inputs"])``   ``labels`` ``[N]`` (one class per
+                   returns logits ``[N, C]`` (or ``.logits``)   input, -100 to skip one); T = N
 =================  ===========================================  ===============================
+
+**Any other model.** A loss for ``fisher_type="mc"`` or ``"exact"`` must expose the model's
+predictive distribution: subclass :class:`TokenLoss` and give :meth:`TokenLoss.logits`
+(``[..., C]``) and :meth:`TokenLoss.targets` (the same leading shape, -100 where nothing is
+predicted: the target mask). The cross entropy, the token count and the label draws then
+come for free. An audio encoder-decoder, for instance (docs/estimators.md runs it)::
+
+    class WhisperLoss(fisherstore.losses.TokenLoss):
+        name = "whisper"
+
+        def targets(self, batch):
+            return batch["labels"]
+
+        def logits(self, model, batch):
+            return model(input_features=batch["input_features"],
+                         decoder_input_ids=batch["decoder_input_ids"]).logits
 
 The built-in losses are :class:`TokenLoss` objects: besides the call they count a batch's
 tokens without running the model (:meth:`TokenLoss.count_tokens`), which lets the
@@ -47,8 +65,8 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 
-__all__ = ["LossFn", "TokenLoss", "causal_lm", "seq2seq_lm", "masked_lm", "IGNORE_INDEX", "call_loss", "check_loss",
-           "loss_name"]
+__all__ = ["LossFn", "TokenLoss", "causal_lm", "seq2seq_lm", "masked_lm", "classification", "IGNORE_INDEX",
+           "call_loss", "check_loss", "loss_name"]
 
 #: The label that marks a position with nothing to predict (Hugging Face's convention).
 IGNORE_INDEX = -100
@@ -198,12 +216,52 @@ class MaskedLM(TokenLoss):
         return model(**_model_inputs(batch, self._inputs)).logits
 
 
+class Classification(TokenLoss):
+    """One class per input: ``model(batch["inputs"])`` gives logits ``[N, C]``, ``batch["labels"]`` the classes.
+
+    The model may return the logits or an object with ``.logits`` (Hugging Face's
+    ``*ForSequenceClassification``, ``*ForImageClassification``). T = N, less the labels set
+    to -100. Usage: ``FisherCollector(loss_fn=classification, params="all", fisher_type="exact")``.
+    """
+
+    name = "classification"
+
+    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        y = batch.get("labels")
+        if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.is_floating_point():
+            raise InvalidArgumentError(
+                f"the classification loss needs batch['labels'], one integer class per input ([N]); got "
+                f"{type(y).__name__} of shape {tuple(getattr(y, 'shape', ()))}. Put the class indices there "
+                "(-100 to skip an input)"
+            )
+        return y
+
+    def logits(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        x = batch.get("inputs")
+        if not isinstance(x, torch.Tensor):
+            raise InvalidArgumentError(
+                f"the classification loss calls model(batch['inputs']), but the batch has no 'inputs' tensor; it has "
+                f"{sorted(batch)}. Put the model's input there, or subclass fisherstore.losses.TokenLoss for a "
+                "model called otherwise (docs/estimators.md)"
+            )
+        out = model(x)
+        out = getattr(out, "logits", out)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            raise InvalidArgumentError(
+                f"the classification loss needs the model to return logits [N, C] (or an object with .logits), got "
+                f"{type(out).__name__} of shape {tuple(getattr(out, 'shape', ()))}"
+            )
+        return out
+
+
 #: Decoder-only next-token loss (the collector's default).
 causal_lm = CausalLM()
 #: Encoder-decoder loss on unshifted ``labels``.
 seq2seq_lm = Seq2SeqLM()
 #: Masked-token loss on unshifted ``labels``.
 masked_lm = MaskedLM()
+#: One class per input: ``model(batch["inputs"])`` -> logits ``[N, C]``, ``batch["labels"]`` ``[N]``.
+classification = Classification()
 
 
 # -- calling a loss, and checking it fits the model ---------------------------------------------

@@ -300,7 +300,9 @@ def _print_info(info: dict[str, Any]) -> None:
           + (f", chunk compression {ratio:.3f}x" if ratio else ""))
     for task, t in info["tasks"].items():
         smp = t["samples"]
-        print(f"  task {task!r}: step {t['step']}, {t['tokens_seen']} tokens, estimator {t['estimator']}, "
+        kind = t.get("fisher_type")
+        kind = f" ({kind}" + (f", {t['mc_samples']} draws" if t.get("mc_samples") else "") + ")" if kind else ""
+        print(f"  task {task!r}: step {t['step']}, {t['tokens_seen']} tokens, estimator {t['estimator']}{kind}, "
               f"{len(t['params'])} params"
               + (f"; per-sample gradients: {smp['n']} samples of {len(smp['params'])} params "
                  f"({'/'.join(smp['dtypes'])}, {human_bytes(smp['bytes'])})" if smp["n"] else ""))

@@ -40,7 +40,8 @@ def store_info(path: str, backend: str = "zarr") -> dict[str, Any]:
                        "bytes": sum(s.samples(task, n).shape.numel() * s.samples(task, n).dtype.itemsize
                                     for n in names)}
             info["tasks"][task] = {"step": tm["step"], "tokens_seen": tm["tokens_seen"],
-                                   "estimator": tm["estimator"], "model": tm["model"], "params": params,
+                                   "estimator": tm["estimator"], "fisher_type": tm["fisher_type"],
+                                   "mc_samples": tm["mc_samples"], "model": tm["model"], "params": params,
                                    "samples": samples}
         info["bytes"] = sum(p["bytes"] for t in info["tasks"].values() for p in t["params"].values())
         # What a reader sees: the committed generations. A writer's uncommitted work (and what a

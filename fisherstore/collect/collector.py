@@ -27,6 +27,7 @@ micro-batches and ``T`` is the token count of all ranks' batches together.
 
 from __future__ import annotations
 
+import secrets
 import types
 import weakref
 from collections.abc import Iterable, Mapping
@@ -41,6 +42,7 @@ from ..losses import LossFn, causal_lm, loss_name
 from ..losses import check_loss as check_loss_fn
 from ..spec.layout import ParamLayout
 from ..store.api import open as open_store
+from .fisher_types import check_fisher_type
 from .group_view import GroupView
 from .layout_check import LayoutCheck
 from .layout_check import check_layouts as check_layouts_of
@@ -89,6 +91,19 @@ class FisherCollector(GroupView):
             checked against the model's own attention before anything is stored
             (:meth:`check_layouts`): a layout that does not fit raises
             :class:`~fisherstore.errors.LayoutMismatchError` naming the parameter and head.
+        fisher_type: whose labels the squared gradients are of (docs/estimators.md):
+            ``"empirical"`` (the default: the data's), ``"mc"`` (``mc_samples`` labels drawn per
+            target position from the model's predictive distribution, each square weighted
+            ``1/mc_samples``; unbiased for the true Fisher at any micro-batch size) or
+            ``"exact"`` (the true Fisher itself, ``Σ_y p(y) (∇log p(y))²`` per position: one
+            backward per position and class, up to
+            :data:`~fisherstore.collect.fisher_types.EXACT_MAX_CLASSES` classes). The last two
+            need a loss that exposes its logits and targets (every :mod:`fisherstore.losses`
+            loss does) and ``estimator="micro_batch"``. A task keeps the type it was
+            collected with; recorded in its metadata (``fisher_type``, ``mc_samples``).
+        mc_samples: labels drawn per target position for ``fisher_type="mc"``.
+        seed: seeds the ``"mc"`` draws (per rank, task, step and micro-batch, so a multi-pass
+            run draws the same labels in every pass); None draws one, kept as :attr:`seed`.
         verify_layouts: ``False`` skips that check. Only for attention whose heads mix
             before the output projection (a norm over every head's queries, as OLMo-2's
             ``q_norm``; talking-heads attention): there every head's output depends on
@@ -138,9 +153,13 @@ class FisherCollector(GroupView):
         data_parallel: bool | None = None,
         store: Any = None,
         verify_layouts: bool = True,
+        fisher_type: str = "empirical",
+        mc_samples: int = 1,
+        seed: int | None = None,
         **store_options: Any,
     ) -> None:
         check_options(reduction, estimator, micro_batch_size, loss_fn, layouts, data_parallel)
+        check_fisher_type(fisher_type, mc_samples, seed, loss_fn, estimator)
         if not isinstance(verify_layouts, bool):
             raise InvalidArgumentError(f"verify_layouts must be True or False, got {verify_layouts!r}")
         group = store_options.get("group") if store is None else getattr(store, "group", None)
@@ -152,6 +171,10 @@ class FisherCollector(GroupView):
         self.micro_batch_size = micro_batch_size
         self.estimator = estimator
         self.loss_fn = loss_fn
+        self.fisher_type = fisher_type
+        self.mc_samples = mc_samples
+        #: The seed of the ``"mc"`` draws; drawn at random when none is given (pass it again to repeat a run).
+        self.seed = seed if seed is not None else secrets.randbits(63)
         self.group = group if group is not None else RankGroup.solo()
         #: Whether ranks see different batches, so every step is reduced onto the owners.
         self.data_parallel = self.group.world_size > 1 if data_parallel is None else data_parallel
@@ -224,9 +247,15 @@ class FisherCollector(GroupView):
     def __repr__(self) -> str:
         return (
             f"FisherCollector(backend={self.store.backend_name!r}, path={self.store.path!r}, "
-            f"ema_decay={self.ema_decay}, estimator={self.estimator!r}, loss_fn={loss_name(self.loss_fn)}, "
+            f"ema_decay={self.ema_decay}, estimator={self.estimator!r}, fisher_type={self._type_repr()}, "
+            f"loss_fn={loss_name(self.loss_fn)}, "
             f"data_parallel={self.data_parallel}, tasks={self.store.tasks()})"
         )
+
+    def _type_repr(self) -> str:
+        if self.fisher_type == "mc":
+            return f"'mc' (mc_samples={self.mc_samples}, seed={self.seed})"
+        return repr(self.fisher_type)
 
     # -- collection ---------------------------------------------------------------------
     def collect_fisher(self, model: nn.Module, batch: Mapping[str, torch.Tensor], task: str = "default",
@@ -314,6 +343,8 @@ class FisherCollector(GroupView):
         tracked = self._select(model, layouts)
         named = dict(model.named_parameters())
         new_task = task not in self.store.tasks()
+        if not new_task:
+            self._check_same_type(task)
         decays = [] if new_task else self._stored_decays(task)
         if self.reduction == "group":
             self._task_groups(task)  # after a reopen, rebuild the group view before this step
@@ -334,6 +365,26 @@ class FisherCollector(GroupView):
         chosen = set(tracked)
         return Prepared([n for n in self.store.params(task) if n in chosen], layouts)
 
+    def _check_same_type(self, task: str) -> None:
+        """Refuse to mix estimators in one EMA: a task keeps the fisher_type (and mc_samples) it was collected with."""
+        meta = self.store.metadata(task)
+        if meta.get("estimator") is None:
+            return  # no step landed yet: nothing to mix with
+        if meta.get("estimator") not in ("micro_batch", "batch"):
+            raise InvalidArgumentError(
+                f"task {task!r} holds estimator {meta.get('estimator')!r} (not collected by a FisherCollector); collect "
+                "into another task")
+        stored = (meta.get("fisher_type") or "empirical", meta.get("mc_samples") if meta.get("fisher_type") == "mc"
+                  else None)
+        mine = (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else None)
+        if stored != mine:
+            raise InvalidArgumentError(
+                f"task {task!r} was collected with fisher_type={stored[0]!r}"
+                + (f", mc_samples={stored[1]}" if stored[1] else "")
+                + f", but this collector has fisher_type={mine[0]!r}" + (f", mc_samples={mine[1]}" if mine[1] else "")
+                + "; one EMA of two estimators is neither. Collect into another task, or open the collector with "
+                f"fisher_type={stored[0]!r}" + (f", mc_samples={stored[1]}" if stored[1] else ""))
+
     def run_step(self, model: nn.Module, batch: Mapping[str, Any], task: str, order: list[str],
                  layouts: dict[str, ParamLayout]) -> int:
         """One EMA step of ``task`` tracking ``order`` (what :meth:`prepare` returned, or a part of it).
@@ -349,7 +400,9 @@ class FisherCollector(GroupView):
             T = run.summed(batch)
         # On the first step that lands: a call that failed after creating the task left none.
         if self.store.metadata(task).get("estimator") is None:
+            mc = self.mc_samples if self.fisher_type == "mc" else None
             self.store.set_metadata(task, estimator=self.estimator, model=model_description(model),
+                                    fisher_type=self.fisher_type, mc_samples=mc,
                                     micro_batch_size=self.micro_batch_size, loss=loss_name(self.loss_fn))
         self.record_groups(task, run.groups.to_host(), T)
         return T

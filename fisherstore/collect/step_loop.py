@@ -23,10 +23,11 @@ from torch import nn
 
 from ..engine.dist import RankGroup
 from ..errors import FisherStoreError, InvalidArgumentError
-from ..losses import call_loss, loss_name
+from ..losses import loss_name
 from ..spec.layout import ParamLayout
 from .autograd import dense, grads_of, square
 from .batches import batch_rows, check_same_batch, on_device, take_rows
+from .fisher_types import backward_passes, draw_seed
 from .group_view import GroupSums
 
 __all__ = ["Collecting", "StepRun", "Sink", "check_tokens"]
@@ -45,6 +46,9 @@ class Collecting(Protocol):
     estimator: str
     reduction: str
     micro_batch_size: int
+    fisher_type: str
+    mc_samples: int
+    seed: int
 
     def owner_ranks(self, task: str, order: list[str]) -> list[int]: ...
 
@@ -72,6 +76,7 @@ class StepRun:
         self.layouts = layouts
         self.groups = GroupSums(layouts)
         self.named = dict(model.named_parameters())
+        self.t = fc.store.step(task) + 1  # the step this run writes: the same in every pass of a multi-pass run
 
     def _begin(self, T: int) -> Any:
         return self.fc.store.begin_step(self.task, tokens=T, layouts={n: self.layouts[n] for n in self.order})
@@ -200,14 +205,24 @@ class StepRun:
         rows = batch_rows(batch)
         micro = fc.estimator == "micro_batch"
         last = [False]
+        weight = [1.0]
+        # Several passes per micro-batch (fisher_type "mc"/"exact"): their weighted squares are summed
+        # here, one fp32 buffer per fed parameter, and reach the sink once per micro-batch.
+        held: dict[str, torch.Tensor] | None = None
 
         def make_hook(name: str) -> Callable[[torch.Tensor], None]:
             def hook(p: torch.Tensor) -> None:
                 if name not in feed:  # another rank writes it, from its own gradient
                     p.grad = None
                 elif micro:
-                    g, p.grad = p.grad, None  # the next micro-batch's gradient starts from zero
-                    sink(name, square(g), last[0])
+                    g, p.grad = p.grad, None  # the next micro-batch's (or pass's) gradient starts from zero
+                    x = square(g)
+                    if weight[0] != 1.0:
+                        x.mul_(weight[0])
+                    if held is None:
+                        sink(name, x, last[0])
+                    else:
+                        _add_to(held, name, x)
                 # the batch estimator lets the gradient sum over micro-batches
             return hook
 
@@ -216,16 +231,32 @@ class StepRun:
             mb = fc.micro_batch_size
             for start in range(0, rows, mb):
                 last[0] = start + mb >= rows
-                loss, n_tok = call_loss(fc.loss_fn, model, take_rows(batch, slice(start, start + mb)))
-                T += n_tok
-                if n_tok:  # a micro-batch with nothing to predict adds nothing
-                    loss.backward()
+                passes = backward_passes(fc.fisher_type, fc.loss_fn, model, take_rows(batch, slice(start, start + mb)),
+                                         mc_samples=fc.mc_samples, generator=self._generator(start))
+                T += passes.n_tokens
+                held = {} if passes.count > 1 else None
+                for loss, w, more in passes.items:  # none for a micro-batch with nothing to predict
+                    weight[0] = w
+                    loss.backward(retain_graph=more)
+                if held:
+                    for n in self.order:
+                        if n in held:
+                            sink(n, held.pop(n), last[0])
+                held = None
             if not micro:
                 for n in self.order:
                     if n in feed and named[n].grad is not None:
                         g, named[n].grad = named[n].grad, None
                         sink(n, dense(g).float(), True)
         return T
+
+    def _generator(self, rows: int) -> torch.Generator | None:
+        """The generator of one micro-batch's ``"mc"`` draws, seeded by where it is (rank, task, step, rows)."""
+        if self.fc.fisher_type != "mc":
+            return None
+        g = torch.Generator(device=next(self.model.parameters()).device)
+        g.manual_seed(draw_seed(self.fc.seed, self.fc.group.rank, self.task, self.t, rows))
+        return g
 
 
 def _add_to(sums: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:

@@ -51,13 +51,24 @@ from ..collect.group_view import GroupSums
 from ..collect.models import model_description
 from ..errors import AmpOverflowWarning, InvalidArgumentError
 
-__all__ = ["collect_from_grads", "square_of", "AmpOverflowWarning"]
+__all__ = ["collect_from_grads", "square_of", "AmpOverflowWarning", "require_empirical"]
 
 #: Collectors already warned of an overflow step: the warning comes once, the count every time.
 _warned: weakref.WeakSet[Any] = weakref.WeakSet()
 
 #: The task metadata field (under ``"user"``) counting the overflow steps skipped.
 SKIPPED_KEY = "amp_skipped_steps"
+
+
+def require_empirical(fc: Any, where: str) -> None:
+    """Refuse a collector whose ``fisher_type`` is not ``"empirical"``: training gradients are of the data's labels."""
+    kind = getattr(fc, "fisher_type", "empirical")
+    if kind != "empirical":
+        raise InvalidArgumentError(
+            f"{where} squares the gradients the training loop computed, which are of the data's own labels: the "
+            f"empirical Fisher by nature, not fisher_type={kind!r} (that needs labels drawn from the model, a "
+            "backward of its own). Use a collector with fisher_type='empirical' here, and collect the true Fisher "
+            "apart with FisherCollector(fisher_type=...).collect_fisher or collect_fisher_dataset")
 
 
 def collect_from_grads(collector: Any, model: nn.Module, task: str, tokens: int, *, grad_scale: Any = None,
@@ -82,6 +93,7 @@ def collect_from_grads(collector: Any, model: nn.Module, task: str, tokens: int,
     if is_grad_scaler(grad_scale):
         raise InvalidArgumentError("grad_scale is the loss's own normalisation (T for a token mean); pass a "
                                    "GradScaler as scaler=, which divides by its loss scale")
+    require_empirical(collector, "collect_from_grads")
     scaler = active_scaler(scaler)
     fc = collector
     order, layouts = fc.prepare(model, task, check_loss=False)

@@ -59,7 +59,15 @@ from ..collect.group_view import GroupSums
 from ..errors import AmpOverflowWarning, FisherCallbackWarning, InvalidArgumentError, NonFiniteGradientError
 from ..losses import causal_lm
 from ..store import FisherStore
-from . import active_scaler, amp_state, mark_training_task, scaled_square, skip_overflow, square_of
+from . import (
+    active_scaler,
+    amp_state,
+    mark_training_task,
+    require_empirical,
+    scaled_square,
+    skip_overflow,
+    square_of,
+)
 
 __all__ = ["FisherCallback", "FisherCallbackWarning", "AmpOverflowWarning"]
 
@@ -87,6 +95,7 @@ class FisherCallback(TrainerCallback):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise InvalidArgumentError(f"every must be a positive number of optimizer steps, got {every!r}")
         if isinstance(store_or_path, FisherCollector):
+            require_empirical(store_or_path, "FisherCallback")
             self.fc = store_or_path
         elif isinstance(store_or_path, FisherStore):
             self.fc = FisherCollector(store=store_or_path, params=params, ema_decay=ema_decay, loss_fn=loss_fn)
