@@ -116,6 +116,8 @@ DP_SCENARIOS = {
     "micro_batch": dict(estimator="micro_batch", params="all"),
     "batch": dict(estimator="batch"),
     "same": dict(estimator="micro_batch", data_parallel=False),
+    # the true Fisher is a sum over positions: reduced across ranks like any square (tests/test_fisher_types.py)
+    "exact": dict(estimator="micro_batch", fisher_type="exact"),
 }
 
 
@@ -262,6 +264,13 @@ def test_same_batch_on_every_rank_without_reduction(dp_run):
     for r in results:
         assert "data_parallel=False means every rank sees the same batch" in r["refused"]
         assert "pass data_parallel=True" in r["refused"]
+
+
+def test_data_parallel_exact_fisher_equals_one_process_on_the_union_batch(dp_run):
+    root, results = dp_run
+    _check_against_one_process(root, [r["exact"] for r in results], "exact", [union_batch(s) for s in range(DP_STEPS)])
+    with fisherstore.open(os.path.join(root, "exact"), mode="r") as d:
+        assert d.metadata("t")["fisher_type"] == "exact"
 
 
 def test_per_sample_collection_with_a_rank_group_is_refused_on_every_rank(dp_run):
