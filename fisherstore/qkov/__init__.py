@@ -8,6 +8,8 @@ module                        job
                               straight from a store
 :mod:`.outofcore`             the out-of-core heat map's parts: plan, read ahead, score a block
 :mod:`.compare`               the EMA Fisher beside the contribution Fisher, per block
+                              (:func:`~.compare.compare_fishers`), or two tasks' EMA Fishers
+                              (:func:`~.compare.compare_tasks`: the empirical beside the true one)
 :mod:`.compat`                TensorScope's ``contribution_cache`` / ``gradient_manager`` over a store
 ============================  ==============================================================
 

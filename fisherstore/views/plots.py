@@ -4,7 +4,8 @@ Every picture is a grid of panels drawn by :mod:`.figures`; matplotlib is the ``
 extra. :func:`plot_mass` draws Fisher mass (below), :func:`heatmap_png` a QK-OV heat map
 (:meth:`~fisherstore.qkov.QKOVInterference.heatmap`'s result), :func:`plot_comparison`
 the EMA Fisher against the contribution Fisher (:func:`~fisherstore.qkov.compare.compare_fishers`'
-rows).
+rows), :func:`plot_fisher_types` two tasks' Fishers, the empirical against the true one, say
+(:func:`~fisherstore.qkov.compare.compare_tasks`' rows).
 
 *Fisher mass* is drawn from :func:`fisherstore.views.summary.summary` tables. One task: a panel per block (Q, K, V, O) of the mass of each head block, on a log
 colour scale (Fisher mass spans decades). Two tasks: each task's *share* of its own total
@@ -18,6 +19,7 @@ Usage::
     plot_mass(store.summary("math"), "cmp.png", compare=store.summary("code"))
     heatmap_png(qk.heatmap_from_store(store, "math", "code"), "qkov.png")
     plot_comparison(compare_fishers(store, "math"), "ema_vs_contribution.png")
+    plot_fisher_types(compare_tasks(store, "emp", "exact"), "empirical_vs_exact.png")
 
 The CLI: ``fisherstore plot PATH --task math [--compare code] --out fig.png``.
 
@@ -38,7 +40,8 @@ from ..errors import InvalidArgumentError
 from ..spec.layout import BLOCKS
 from .figures import figure, panel, per_query_head, save
 
-__all__ = ["mass_grid", "plot_mass", "heatmap_png", "plot_comparison", "QKOV_CAPTION"]
+__all__ = ["mass_grid", "plot_mass", "heatmap_png", "plot_comparison", "plot_fisher_types", "QKOV_CAPTION",
+           "SPEARMAN_LABEL", "RATIO_LABEL"]
 
 #: What a QK-OV heat map plots (scores.py's M, averaged over pairs), written under every one.
 QKOV_CAPTION = (
@@ -48,6 +51,12 @@ QKOV_CAPTION = (
     "C/F is dimensionless, so M has the units of |g_j|/T_j (the gradient of B's token-mean loss) summed over the "
     "block's weights. Higher means more interference."
 )
+
+
+#: The colour bar of a rank-correlation panel of :func:`plot_fisher_types`.
+SPEARMAN_LABEL = "Spearman ρ (rank correlation)"
+#: The colour bar of its mass-ratio panel: a block's Fisher mass (Σ of its entries) in task b over task a.
+RATIO_LABEL = "mass(b)/mass(a), log scale"
 
 
 def mass_grid(df: Any, block: str, column: str = "mass") -> tuple[list[Any], np.ndarray]:
@@ -218,3 +227,95 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str, title: str = "EMA
             panel(fig, axes[row][col], grid, layers, f"{b}: {label}", cmap, norm, heads=ticks, block=b,
                   group=group, cbar_label=bar)
     return save(plt, fig, path, title)
+
+
+def plot_fisher_types(rows: Sequence[dict[str, Any]], path: str, title: str | None = None) -> str:
+    """Two tasks' Fishers per block (Q, K, V, O): a [layer × head] map of the rank correlation, and of the mass ratio.
+
+    ``rows``: :func:`~fisherstore.qkov.compare.compare_tasks`' rows, of one pair of tasks. The
+    top row of panels is the Spearman ρ of each head block's entries (colour bar
+    :data:`SPEARMAN_LABEL`, from -1 to 1: 1 where both Fishers rank the block's weights alike);
+    the bottom row is ``mass(b)/mass(a)`` (:data:`RATIO_LABEL`: the block's Fisher mass in task
+    b over task a, on a log scale centred on 1; red where b holds more). The title names both
+    tasks and their ``fisher_type``. Columns are query heads; a K/V value fills every query
+    head of its group (:data:`.figures.KV_RULE`). Rows of parameters without heads (``head``
+    None) have no cell and are not drawn:
+    :func:`~fisherstore.qkov.compare.summarize_comparison` reports them. Writes a PNG;
+    returns ``path``. Needs matplotlib (``pip install 'fisherstore[plot]'``).
+    Usage: ``plot_fisher_types(compare_tasks(store, "emp", "exact"), "emp_vs_exact.png")``.
+    """
+    drawn = [r for r in rows if r.get("head") is not None and r.get("block") in BLOCKS]
+    if not drawn:
+        raise InvalidArgumentError(
+            "no row has a head block (compare_tasks rows with head None are parameters without heads), so there "
+            "is no [layer × head] map to draw; compare attention projections (compare_tasks(store, a, b, names=...))")
+    pairs = {(r.get("a"), r.get("b")) for r in drawn}
+    if len(pairs) > 1 or None in next(iter(pairs)):
+        raise InvalidArgumentError(
+            f"the rows compare {len(pairs)} pairs of tasks {sorted(pairs, key=str)}, or do not name them (keys 'a' "
+            "and 'b'); pass the rows of one compare_tasks(store, task_a, task_b) call")
+    seen: dict[tuple[Any, Any, Any], str] = {}
+    for r in drawn:  # two parameters in one cell (a weight and its bias) would be drawn over each other
+        cell = (r["layer"], r["head"], r["block"])
+        if cell in seen and seen[cell] != r["param"]:
+            raise InvalidArgumentError(
+                f"parameters {seen[cell]!r} and {r['param']!r} both hold block {r['block']} of head {r['head']} in "
+                f"layer {r['layer']!r}, and one cell can show one of them; draw the rows of one of them (e.g. "
+                "[r for r in rows if not r['param'].endswith('bias')])")
+        seen[cell] = r["param"]
+    a, b = next(iter(pairs))
+    first = drawn[0]
+    who_a, who_b = _typed(a, first, "a"), _typed(b, first, "b")
+    blocks = [k for k in BLOCKS if any(r["block"] == k for r in drawn)]
+    layers = sorted({r["layer"] for r in drawn}, key=lambda k: (isinstance(k, str), k))
+    q_heads = sorted({r["head"] for r in drawn if r["block"] in ("Q", "O")})
+    plt, fig, axes = figure(2, len(blocks), (3.4, 3.2), what="plot_fisher_types")
+    from matplotlib.colors import LogNorm, Normalize
+
+    ratios = np.array([r["mass_ratio"] for r in drawn], dtype=float)
+    ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
+    # One colour scale for every ratio panel, symmetric about 1 in log space, so blocks compare.
+    lim = float(np.abs(np.log10(ratios)).max()) if ratios.size else 0.0
+    lim = max(lim, 0.01)  # all ratios 1 (a task against itself): still a readable scale
+    for col, k in enumerate(blocks):
+        mine = [r for r in drawn if r["block"] == k]
+        heads, span, ticks, group = _head_columns(mine, k, layers, q_heads)
+        for row, (field, label, cmap, norm, bar) in enumerate((
+                ("spearman", "rank correlation", "viridis", Normalize(-1, 1), SPEARMAN_LABEL),
+                ("mass_ratio", "mass ratio", "RdBu_r", LogNorm(10 ** -lim, 10 ** lim),
+                 f"{RATIO_LABEL}\n(b = {b!r}, a = {a!r})"))):
+            grid = np.full((len(layers), len(heads)), np.nan)
+            for r in mine:
+                v = r[field]
+                if v is None or (field == "mass_ratio" and not v > 0):
+                    continue  # no value is drawn blank, never as a plausible one
+                start = heads.index(r["head"])
+                grid[layers.index(r["layer"]), start:start + span] = v  # a kv head fills its group's columns
+            panel(fig, axes[row][col], grid, layers, f"{k}: {label}", cmap, norm, heads=ticks, block=k,
+                  group=group, cbar_label=bar)
+    return save(plt, fig, path, title or f"Fisher per head block: a = {who_a} vs b = {who_b}")
+
+
+def _typed(task: str, row: dict[str, Any], side: str) -> str:
+    """``'emp' (empirical)``, or ``'mc' (mc, k=4)``: a task and how its Fisher was collected."""
+    kind = row.get(f"fisher_type_{side}") or "fisher_type unknown"
+    k = row.get(f"mc_samples_{side}")
+    return f"{task!r} ({kind}{f', k={k}' if k else ''})"
+
+
+def _head_columns(mine: Sequence[dict[str, Any]], block: str, layers: Sequence[Any], q_heads: Sequence[int]
+                  ) -> tuple[list[int], int, list[int], int | None]:
+    """``(column heads, columns per row, tick heads, g)`` of one block's panel, by :data:`.figures.KV_RULE`.
+
+    Rows name a kv head by its group's first query head; with ``H`` known (Q or O rows) a K/V
+    value spans its ``g`` query heads, else the columns are kv heads (the axis says so).
+    """
+    group: int | None = None
+    if block in ("K", "V") and q_heads:
+        n_kv = max(len({r["head"] for r in mine if r["layer"] == k}) for k in layers)
+        group = len(q_heads) // n_kv if n_kv and len(q_heads) % n_kv == 0 else None
+    if block in ("K", "V") and group is None:
+        heads = sorted({r["head"] for r in mine})
+        return heads, 1, list(range(len(heads))), None
+    heads = list(q_heads) or sorted({r["head"] for r in mine})
+    return heads, group or 1, heads, group
