@@ -56,6 +56,7 @@ from ..spec.codecs import CodecSpec
 from ..spec.format import DOC, doc_key, number_base
 from ..spec.layout import ParamLayout
 from ..spec.manifest import TaskManifest
+from .anchor_verbs import AnchorMethods
 from .read_verbs import ReadMethods
 from .sample_verbs import SampleMethods
 from .write_verbs import WriteMethods
@@ -63,7 +64,7 @@ from .write_verbs import WriteMethods
 __all__ = ["FisherStore", "StoreSnapshot"]
 
 
-class FisherStore(WriteMethods, ReadMethods, SampleMethods):
+class FisherStore(WriteMethods, ReadMethods, SampleMethods, AnchorMethods):
     """A store of full elementwise Fisher EMAs, one array per (task, parameter).
 
     Open one with :func:`fisherstore.open`. ``FisherStore(backend, mode=..., ...)`` opens
