@@ -270,6 +270,103 @@ def _qkov(sub: Any) -> None:
 
 
 @command
+def _import_adam(sub: Any) -> None:
+    p = sub.add_parser("import-adam", help="store an Adam/AdamW checkpoint's exp_avg_sq as a task's EMA Fisher",
+                       description="Write the exp_avg_sq of a saved torch Adam/AdamW state_dict (a Hugging Face "
+                                   "Trainer checkpoint's optimizer.pt) into a new task of a store, with EMA β = β2 "
+                                   "at the optimizer's step: the task's readout is exp_avg_sq / (1 - β2^t). The "
+                                   "parameter names come from the model built (random weights, on the meta device) "
+                                   "from the checkpoint's config.json. See docs/estimators.md.")
+    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint directory holding optimizer.pt (and config.json), or "
+                                                "the path of an optimizer.pt")
+    p.add_argument("--store", required=True, help="the store's directory (created if missing)")
+    p.add_argument("--task", required=True, help="the new task to write (must not exist in the store)")
+    p.add_argument("--model", metavar="DIR", help="a directory with the model's config.json (default: CKPT's "
+                                                  "directory)")
+    p.add_argument("--tokens-per-step", type=_positive_int, metavar="N",
+                   help="tokens one optimizer step's loss averaged over; scales the state by N to the collector's "
+                        "'batch' estimator (default: stored as Adam keeps it)")
+    p.add_argument("--param-order", choices=("auto", "model", "trainer"), default="auto",
+                   help="how the state_dict's indices map to names: 'model' (named_parameters order, as "
+                        "Adam(model.parameters()) numbers them), 'trainer' (HF Trainer's: weight-decayed "
+                        "parameters first); 'auto' (default): 'trainer' when the checkpoint directory holds "
+                        "trainer_state.json, else 'model'")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--backend", choices=("zarr", "tensorstore"), default="zarr")
+
+    def run(a: argparse.Namespace) -> int:
+        from ..errors import ShapeMismatchError
+        from ..optimizers.adam import import_adam, trainer_param_names
+
+        opt_file, ckpt_dir = _optimizer_file(a.ckpt)
+        order = a.param_order
+        if order == "auto":
+            order = "trainer" if os.path.isfile(os.path.join(ckpt_dir, "trainer_state.json")) else "model"
+        model = _model_from_config(a.model or ckpt_dir, given=a.model is not None)
+        names = trainer_param_names(model) if order == "trainer" else None
+        try:
+            res = import_adam(a.store, a.task, model, opt_file, a.tokens_per_step, param_names=names,
+                              backend=a.backend)
+        except ShapeMismatchError as e:  # the order was wrong: a usage error, said in command-line words
+            other = "model" if order == "trainer" else "trainer"
+            raise InvalidArgumentError(
+                f"{str(e).partition(': the state_dict')[0]}: the state_dict's indices are not in the {order!r} order. "
+                f"Try --param-order {other}, or check that --model describes the model that trained") from e
+        if a.json:
+            json.dump({"store": a.store, "task": res.task, "step": res.step, "beta2": res.beta2,
+                       "tokens_per_step": res.tokens_per_step, "param_order": order, "source": res.source,
+                       "params": res.params}, sys.stdout, indent=1)
+            print()
+        else:
+            scale = f", scaled by tokens_per_step={res.tokens_per_step}" if res.tokens_per_step else ""
+            print(f"{a.store}: task {res.task!r} holds Adam's exp_avg_sq of {len(res.params)} parameters at step "
+                  f"{res.step} (β2={res.beta2}{scale}) from {res.source}")
+        return OK
+
+    p.set_defaults(run=run)
+
+
+def _optimizer_file(ckpt: str) -> tuple[str, str]:
+    """``(optimizer.pt, the directory holding it)`` of ``import-adam``'s CKPT, or a usage error saying what is there."""
+    if os.path.isdir(ckpt):
+        path = os.path.join(ckpt, "optimizer.pt")
+        if not os.path.isfile(path):
+            raise InvalidArgumentError(f"{ckpt} holds no optimizer.pt; give a checkpoint directory the Trainer saved "
+                                       "with its optimizer state, or the optimizer state file itself")
+        return path, ckpt
+    if not os.path.isfile(ckpt):
+        raise InvalidArgumentError(f"{ckpt}: no such file or directory. Give a checkpoint directory holding "
+                                   "optimizer.pt, or an optimizer.pt")
+    return ckpt, os.path.dirname(os.path.abspath(ckpt))
+
+
+def _model_from_config(model_dir: str, *, given: bool) -> Any:
+    """The model a ``config.json`` describes, on the meta device: its names, order and shapes, no weights."""
+    from ..errors import require
+
+    cfg_file = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(cfg_file):
+        where = f"--model {model_dir}" if given else f"the checkpoint's directory {model_dir}"
+        raise InvalidArgumentError(f"{where} holds no config.json, and the parameter names come from the model's "
+                                   "config: pass --model DIR, a directory holding the model's config.json")
+    transformers = require("transformers", "fisherstore import-adam", extra="hf")
+    import torch
+
+    transformers.logging.set_verbosity_error()
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        cls = getattr(transformers, (getattr(cfg, "architectures", None) or [""])[0], None)
+        with torch.device("meta"):  # only names, order and shapes are read: no memory for weights
+            if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+                return cls(cfg)
+            auto = transformers.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else transformers.AutoModelForCausalLM
+            return auto.from_config(cfg)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidArgumentError(f"{cfg_file}: transformers could not build a model from it ({e}). Pass --model "
+                                   "DIR with the config.json of the model that trained") from e
+
+
+@command
 def _unlock_cmd(sub: Any) -> None:
     u = sub.add_parser("unlock", help="remove a stale writer lock",
                        description="Remove the writer lock of a process that is gone (pidfile locks; an "
