@@ -4,7 +4,7 @@
 module                      job
 ==========================  ==============================================================
 :mod:`.main`                the parser and the entry point: errors are one line, never a traceback
-:mod:`.commands`            the subcommands (demo, info, verify, plot, qkov, unlock)
+:mod:`.commands`            the subcommands (demo, info, verify, plot, qkov, unlock, import-adam)
 :mod:`.exits`               the exit-code table, and library messages in command-line words
 :mod:`.info`                what ``info`` knows of a store, as JSON-ready data
 :mod:`.demo`                the README demo: a tiny model, two tasks, a QK-OV heat map

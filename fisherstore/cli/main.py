@@ -11,6 +11,7 @@ into it (``DIR/T.png``, ``DIR/qkov-A-vs-B.png``), as ``cp FILE DIR`` does; a sel
 nothing (``--blocks ""``), a task with no EMA step where the EMA is needed, or a task B of
 another geometry is usage (2); an ``s3://`` URL with no store or no bucket is no store (3).
     fisherstore unlock PATH --force                    remove a stale writer lock whose process is gone
+    fisherstore import-adam CKPT --store PATH --task T   Adam's exp_avg_sq of a checkpoint, as a task
 
 Exit codes follow one table, :data:`~fisherstore.cli.exits.EXIT_CODES` (printed by
 ``--help``, and in docs/cli.md). The subcommands are :mod:`.commands`'.

@@ -5,7 +5,8 @@ module                      job
 ==========================  ==============================================================
 :mod:`.api`                 :func:`fisherstore.open`: pick a backend, check the arguments
 :mod:`.facade`              :class:`FisherStore`: open, close, catalogue questions
-:mod:`.write_verbs`         create, set_metadata, update, begin_step, flush, replay
+:mod:`.write_verbs`         create, set_metadata, update, begin_step, flush, replay, write_state
+:mod:`.anchor_verbs`        save_anchor, anchor: the weights θ* kept beside a task (EWC, merging)
 :mod:`.read_verbs`          fisher, read, iter_heads, to_dask, to_xarray, summary
 :mod:`.sample_verbs`        per-sample gradients: begin_samples, samples, contribution_fisher
 :mod:`.base`                the state and checks the verbs share
