@@ -286,15 +286,16 @@ class FisherCollector(GroupView):
         a budget large enough for everything (bit for bit on the CPU). The run is atomic:
         it commits once, at its end; interrupted, the store stays at its last commit.
         Returns a :class:`~fisherstore.collect.multipass.DatasetRun` (passes, steps, tokens, bytes).
-        See :mod:`fisherstore.collect.multipass`.
+        In a data-parallel rank group every rank calls it with its own batches, the same number
+        on every rank: each pass is data-parallel, and the run equals one process on the union
+        batches. See :mod:`fisherstore.collect.multipass`.
+        Usage: ``run = fc.collect_fisher_dataset(model, batches, task="math")``.
         """
-        from .multipass import Replayable, collect_dataset
+        from .multipass import collect_dataset
 
-        if self._layout_overrides and self.verify_layouts and model not in self._checked:
-            first = next(iter(Replayable(batches)), None)  # a replayable set gives it again in the run
-            if first is not None:
-                self.check_layouts(model, first)
-        return collect_dataset(self, model, batches, task, progress=progress)
+        # The overrides are checked on the first batch inside the run, agreed by every rank of a group.
+        unchecked = bool(self._layout_overrides) and self.verify_layouts and model not in self._checked
+        return collect_dataset(self, model, batches, task, progress=progress, check_layouts=unchecked)
 
     def collect_samples(self, model: nn.Module, batch: Mapping[str, torch.Tensor], task: str = "default", *,
                         names: Iterable[str] | None = None, ids: Iterable[str] | None = None, dtype: str | None = None,

@@ -24,11 +24,55 @@ containers, strings and numbers: :func:`~fisherstore.collect.batches.fingerprint
 difference raises :class:`~fisherstore.errors.BatchesChangedError` naming the batch and
 the keys that changed, and the run rolls back.
 
+**A rank group** (``group=RankGroup.from_torch()``, data-parallel): each rank passes its own
+replayable batches (its shard), and each pass is data-parallel: step ``j`` is one
+:meth:`~fisherstore.collect.step_loop.StepRun.data_parallel` step of every rank's batch ``j``, each rank
+summing its own squares and reducing each parameter's sum onto its owner rank, with ``T`` the
+token count of the union batch. The run equals one process on the union batches (to fp32
+rounding: the reduction sums in another order), the owners' group views included. What
+makes it so:
+
+* *The same steps.* Every rank must pass the same number of batches. Where every rank's
+  count is known (a list, a DataLoader) the counts are compared before anything is created;
+  otherwise (a callable) at every batch of pass 1, where a rank that runs out while another
+  has a batch stops them all. Either way :class:`~fisherstore.errors.InvalidArgumentError`
+  names each rank's count on every rank, and nothing is committed.
+* *The same passes.* Each rank plans its **own** parameters (``store.owns``) into passes
+  that fit **its** budget, exactly as one process would (first fit decreasing, fold
+  headroom); the plans are gathered, and pass ``i`` of the run tracks every rank's pass ``i``
+  (the run has as many passes as the rank that needs most). So every rank runs the same
+  passes in the same order, with the same parameters requiring gradients: each needs all
+  of them, since a parameter's sum is reduced from every rank's gradient. A rank's
+  :class:`~fisherstore.engine.replay.Replay` and accumulators hold only what it owns. During
+  a step, a rank holds one fp32 sum per parameter of the pass (every rank's share of it, on
+  the parameters' device, as a data-parallel ``collect_fisher`` step does for every
+  tracked parameter); the budget bounds the accumulators, not these sums.
+* *Failing together.* Each rank checks its own batches against its own pass 1; every
+  batch position begins with one gather in which each rank says whether it has a batch and
+  whether reading or checking it failed, and every local part of the run (the plan, the
+  start and end of each pass) ends in :meth:`RankGroup.agree <fisherstore.RankGroup.agree>`.
+  A rank that fails raises its own error (a ``BatchesChangedError``), the others a
+  :class:`~fisherstore.errors.RankFailedError` naming it and its error; every rank rolls
+  back to the last commit and the group stays usable. No rank waits for one that left.
+* *One commit*: the closing flush, collective as every flush under a group.
+
+``data_parallel=False`` (every rank the same batches, each writing what it owns from its own
+gradients) runs the same plan and checks. :class:`DatasetRun` is the same on every rank: its
+groups are the run's passes, its state and capacity the sums over the ranks.
+``fisher_type="mc"`` draws per rank, task, step and micro-batch, so every pass draws the
+same labels on each rank, and the run equals its data-parallel ``collect_fisher`` steps
+(not one process: that would draw other labels).
+
 Usage::
 
     fc = FisherCollector(backend="zarr", path="fisher.zarr", params="all", memory_budget=4 << 30)
     run = fc.collect_fisher_dataset(model, probe_batches, task="math")   # a list, DataLoader or callable
     run.passes, run.bound        # passes made, and ⌈S/B⌉
+
+    # every rank of a torch.distributed job, each with its own shard of the probe set:
+    fc = FisherCollector(backend="zarr", path="fisher.zarr", params="all", memory_budget=4 << 30,
+                         group=fisherstore.RankGroup.from_torch())
+    run = fc.collect_fisher_dataset(model, this_ranks_batches, task="math")
 """
 
 from __future__ import annotations
@@ -42,8 +86,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..engine.dist import RankGroup
 from ..engine.replay import Replay
-from ..errors import BatchesChangedError, InvalidArgumentError
+from ..errors import BatchesChangedError, InvalidArgumentError, RankFailedError
 from ..spec.layout import ParamLayout
 from .batches import changed_keys, fingerprint, take_rows
 from .step_loop import Collecting, StepRun
@@ -53,13 +98,15 @@ __all__ = ["DatasetRun", "plan_passes", "fold_headroom", "collect_dataset", "Rep
 
 class MultiPassCollector(Collecting, Protocol):
     """What a multi-pass run needs of its collector (:class:`~fisherstore.FisherCollector`): a step's loop,
-    plus preparing a task, running one step, and the group view it restores when a run fails."""
+    plus checking its layouts, preparing a task, running one step, and the group view it restores when a run fails."""
 
     def prepare(self, model: nn.Module, task: str, *, check_loss: bool = True) -> tuple[list[str],
                                                                                    dict[str, ParamLayout]]: ...
 
     def run_step(self, model: nn.Module, batch: Any, task: str, order: list[str],
                  layouts: dict[str, ParamLayout]) -> int: ...
+
+    def check_layouts(self, model: nn.Module, batch: Any) -> Any: ...
 
     def snapshot_groups(self, task: str) -> Any: ...
 
@@ -68,7 +115,12 @@ class MultiPassCollector(Collecting, Protocol):
 
 @dataclass
 class DatasetRun:
-    """What a multi-pass run did. ``bound`` is ⌈S/B⌉ for the state S and the capacity B it had."""
+    """What a multi-pass run did. ``bound`` is ⌈S/B⌉ for the state S and the capacity B it had.
+
+    In a rank group it is the same on every rank: ``groups`` and ``streamed`` name every rank's
+    parameters, ``state_bytes`` and ``capacity_bytes`` are sums over the ranks, ``tokens`` the
+    union batches' (the timings are this rank's). Usage: ``run.passes, run.bound, run.tokens``.
+    """
 
     passes: int
     groups: list[list[str]]  # the parameters each pass tracks (requires grad for)
@@ -186,46 +238,137 @@ class Replayable:
 
 
 def collect_dataset(fc: MultiPassCollector, model: nn.Module, batches: Any, task: str, *,
-                    progress: bool | None = None) -> DatasetRun:
-    """The body of :meth:`FisherCollector.collect_fisher_dataset` (see the module docstring)."""
-    source = Replayable(batches)
-    if fc.group.world_size > 1:
-        raise InvalidArgumentError(
-            "collect_fisher_dataset runs in one process; with a rank group call collect_fisher per batch "
-            "(each rank its own batches), or run the multi-pass collection on one rank"
-        )
-    store = fc.store
+                    progress: bool | None = None, check_layouts: bool = False) -> DatasetRun:
+    """The body of :meth:`FisherCollector.collect_fisher_dataset` (see the module docstring).
+
+    ``check_layouts``: first check the collector's ``layouts=`` overrides on the first batch
+    (every rank its own, agreed before anything is created).
+    Usage: ``run = collect_dataset(fc, model, batches, "math")``.
+    """
+    group, store = fc.group, fc.store
+    source = _open_batches(fc, model, batches, task, check_layouts)
     order, layouts = fc.prepare(model, task)
     store.flush()  # the run starts at a commit, and an interrupted run leaves the store there
+    owned = [n for n in order if store.owns(task, n)]
     device = dict(model.named_parameters())[order[0]].device
-    replay = store.replay(task, order, in_place=store.nonfinite == "raise")
-    t = replay.t
     groups_before = fc.snapshot_groups(task)
+    replay: Replay | None = None
     try:
-        host, dev = replay.capacity(device)
-        if device.type == "cuda" and store.device_budget is None:
-            dev = max(0, dev - _activation_bytes(fc, model, source, task, order, layouts))
-        sizes = [(n, replay.copies * t.params[n].nbytes) for n in order]
-        passes, where, streamed = plan_passes(sizes, host, dev, replay.chunk_bytes, replay.per_chunk)
-        run = DatasetRun(len(passes), passes, streamed, 0, 0, sum(s for _, s in sizes), host + dev)
-        _run_passes(fc, model, source, task, layouts, replay, run, where, device, progress)
-        replay.finish()
+        err: BaseException | None = None
+        mine: Any = None
+        try:  # local: every rank reaches the agreement below, or the others would wait on it
+            replay = store.replay(task, owned, in_place=store.nonfinite == "raise")
+            mine = _plan_rank(fc, model, source, task, order, layouts, replay, owned, device)
+        except Exception as e:
+            err = e
+        err = group.agree(err, f"plan the passes of the multi-pass run of task {task!r}")
+        if err is not None:
+            raise err
+        assert replay is not None
+        run, where = _plan_group(group, order, mine)
+        _run_passes(fc, model, source, task, layouts, replay, run, where, set(owned), device, progress)
+        _together(group, f"end the multi-pass run of task {task!r}", replay.finish)
     except BaseException:
-        replay.abort()
+        if replay is not None:
+            replay.abort()
         fc.restore_groups(task, groups_before)
         raise
     start = time.perf_counter()
-    store.flush()  # the run's one commit
+    store.flush()  # the run's one commit (collective under a group)
     run.write_seconds += time.perf_counter() - start
     return run
 
 
+def _open_batches(fc: MultiPassCollector, model: nn.Module, batches: Any, task: str,
+                  check_layouts: bool) -> Replayable:
+    """The run's batches, checked on every rank together: replayable, the layouts, the same count everywhere."""
+    group = fc.group
+    source: Replayable | None = None
+    err: BaseException | None = None
+    has_first = None
+    try:
+        source = Replayable(batches)
+        if check_layouts:  # a replayable set gives its first batch again in the run
+            first = next(iter(source), None)
+            has_first = first is not None
+            if first is not None:
+                fc.check_layouts(model, first)
+    except Exception as e:
+        err = e
+    err = group.agree(err, f"open the batches of the multi-pass run of task {task!r}")
+    if err is not None:
+        raise err
+    assert source is not None
+    views = group.all_gather((source.length, has_first))
+    lengths = [v[0] for v in views]
+    if None not in lengths and len(set(lengths)) > 1:
+        raise _count_error(task, "", {r: n for r, n in enumerate(lengths)})
+    if any(v[1] is True for v in views) and any(v[1] is False for v in views):
+        raise _count_error(task, "", {r: "some" if v[1] else 0 for r, v in enumerate(views)})
+    return source
+
+
+def _count_error(task: str, where: str, counts: dict[int, Any]) -> InvalidArgumentError:
+    """Ranks that pass different numbers of batches: the same words on every rank."""
+    per_rank = ", ".join(f"rank {r}: {n}" for r, n in counts.items())
+    return InvalidArgumentError(
+        f"the ranks passed different numbers of batches to the multi-pass run of task {task!r}{where} ({per_rank}); "
+        "with a rank group, step j is one data-parallel step of every rank's batch j, so every rank must pass "
+        "the same number of batches. Give each rank an equal share (a DistributedSampler and a DataLoader with "
+        "drop_last=True, or trim each rank's list to the shortest); nothing was committed"
+    )
+
+
+def _plan_rank(fc: MultiPassCollector, model: nn.Module, source: Replayable, task: str, order: list[str],
+               layouts: dict[str, Any], replay: Replay, owned: list[str],
+               device: torch.device) -> tuple[list[list[str]], dict[str, str], list[str], int, int]:
+    """This rank's own plan: its parameters into passes that fit its budget (passes, placement, streamed, S, B)."""
+    host, dev = replay.capacity(device)
+    if device.type == "cuda" and fc.store.device_budget is None:
+        dev = max(0, dev - _activation_bytes(fc, model, source, task, order, layouts))
+    sizes = [(n, replay.copies * replay.t.params[n].nbytes) for n in owned]
+    passes, where, streamed = plan_passes(sizes, host, dev, replay.chunk_bytes, replay.per_chunk)
+    return passes, where, streamed, sum(s for _, s in sizes), host + dev
+
+
+def _plan_group(group: RankGroup, order: list[str],
+                mine: tuple[list[list[str]], dict[str, str], list[str], int, int]) -> tuple[DatasetRun, dict[str, str]]:
+    """The run's passes, the same on every rank: pass ``i`` tracks every rank's own pass ``i``, in store order."""
+    passes, where, streamed, state, capacity = mine
+    views = group.all_gather((passes, streamed, state, capacity))  # no collective in one process
+    members: list[set[str]] = [set() for _ in range(max(len(v[0]) for v in views))]
+    for v in views:
+        for i, names in enumerate(v[0]):
+            members[i].update(names)
+    late = {n for v in views for n in v[1]}
+    groups = [[n for n in order if n in m] for m in members]
+    run = DatasetRun(len(groups), groups, [n for n in order if n in late], 0, 0, sum(v[2] for v in views),
+                     sum(v[3] for v in views))
+    return run, where
+
+
+def _together(group: RankGroup, what: str, fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(*args)``, a local part of the run, then agree: a rank that failed stops every rank."""
+    err: BaseException | None = None
+    try:
+        fn(*args)
+    except Exception as e:
+        err = e
+    err = group.agree(err, what)
+    if err is not None:
+        raise err
+
+
+_END = object()  # no batch left
+
+
 def _run_passes(fc: MultiPassCollector, model: nn.Module, source: Replayable, task: str, layouts: dict[str, Any],
-                replay: Replay, run: DatasetRun, where: dict[str, str], device: torch.device,
+                replay: Replay, run: DatasetRun, where: dict[str, str], owned: set[str], device: torch.device,
                 progress: bool | None) -> None:
     from tqdm.auto import tqdm
 
-    seen: list[tuple[int, list[tuple[str, str]]]] = []  # pass 1's (tokens, fingerprint) of each batch
+    group = fc.group
+    seen: list[tuple[int, list[tuple[str, str]]]] = []  # pass 1's (tokens, fingerprint) of each of this rank's batches
     total = run.passes * source.length if source.length is not None else None
     enabled = fc.store.options.progress if progress is None else progress
     with tqdm(total=total, unit="batch", desc=f"fisher {task}", leave=False,
@@ -233,37 +376,85 @@ def _run_passes(fc: MultiPassCollector, model: nn.Module, source: Replayable, ta
         for i, names in enumerate(run.groups):
             bar.set_description(f"fisher {task}: pass {i + 1}/{run.passes}")
             start = time.perf_counter()
-            replay.begin_pass(names, where, device)
-            j = -1
-            for j, batch in enumerate(source):
-                # Every value of the batch, floats included, is compared before the step runs: a
-                # changed per-token weight would give this pass's parameters another Fisher.
-                fp = fingerprint(batch)
-                if i > 0:
-                    _check_same(task, i, j, seen, fp)
+            mine = [n for n in names if n in owned]  # this rank's accumulators; backward runs for all of names
+            _together(group, f"begin pass {i + 1} of the multi-pass run of task {task!r}",
+                      replay.begin_pass, mine, where, device)
+            batches: Iterator[Any] | None = None
+            j = 0
+            while True:
+                batch: Any = _END
+                fp: list[tuple[str, str]] = []
+                err: BaseException | None = None
+                try:  # a rank that fails here still reaches the gather below
+                    if batches is None:
+                        batches = iter(source)
+                    batch = next(batches, _END)
+                    if batch is not _END:
+                        # Every value of the batch, floats included, is compared before the step runs: a
+                        # changed per-token weight would give this pass's parameters another Fisher.
+                        fp = fingerprint(batch)
+                        if i > 0:
+                            _check_same(task, i, j, seen, fp)
+                    elif i > 0 and j != len(seen):
+                        raise BatchesChangedError(
+                            f"pass {i + 1} of the multi-pass run of task {task!r} saw {j} batches, pass 1 saw "
+                            f"{len(seen)}; every pass must see the same batches")
+                except Exception as e:
+                    err = e
+                if not _every_rank_has(group, task, i, j, err, batch is not _END):
+                    break
                 T = fc.run_step(model, batch, task, names, layouts)
                 if i == 0:
                     seen.append((T, fp))
                     run.tokens += T
-                elif T != seen[j][0]:
+                elif T != seen[j][0]:  # T is the union batch's: every rank raises alike
                     raise BatchesChangedError(
                         f"pass {i + 1} of the multi-pass run of task {task!r} counted {T} tokens in batch {j}, pass 1 "
                         f"counted {seen[j][0]}, though the batch's values are the same; the loss's count_tokens must "
                         "depend on the batch alone"
                     )
                 bar.update(1)
-            if j + 1 != len(seen):
-                raise BatchesChangedError(f"pass {i + 1} of the multi-pass run of task {task!r} saw {j + 1} batches, "
-                                          f"pass 1 saw {len(seen)}; every pass must see the same batches")
+                j += 1
             if i == 0:
                 run.steps = len(seen)
                 if bar.total is None:
                     bar.total = run.passes * len(seen)
                     bar.refresh()
             fold_start = time.perf_counter()
-            replay.end_pass(names)
+            _together(group, f"write pass {i + 1} of the multi-pass run of task {task!r}", replay.end_pass, mine)
             run.write_seconds += time.perf_counter() - fold_start
             run.pass_seconds.append(time.perf_counter() - start)
+
+
+def _every_rank_has(group: RankGroup, task: str, i: int, j: int, err: BaseException | None, has: bool) -> bool:
+    """Whether every rank has batch ``j`` of pass ``i + 1`` (False: the pass is over on every rank).
+
+    One gather per batch position (none in one process): each rank says whether it has a
+    batch and whether reading or checking it failed. A rank that failed raises its own
+    error, the others a RankFailedError naming it; ranks that disagree on having a batch
+    raise the same InvalidArgumentError. Either way every rank raises, and rolls back.
+    """
+    views = group.all_gather((None if err is None else _brief(err), has))
+    if err is not None:
+        raise err
+    failed = [(r, note) for r, (note, _) in enumerate(views) if note is not None]
+    if failed:
+        r, note = failed[0]
+        raise RankFailedError(
+            f"rank {r} failed to read batch {j} of pass {i + 1} of the multi-pass run of task {task!r} ({note}); "
+            "every rank rolls the run back and the store stays at its last commit. Fix what rank "
+            f"{r} raised (its own traceback says where) and rerun", rank=r)
+    having = [h for _, h in views]
+    if any(having) and not all(having):
+        raise _count_error(task, f", found in pass 1 at batch {j}",
+                           {r: f"more than {j}" if h else j for r, h in enumerate(having)})
+    return all(having)
+
+
+def _brief(err: BaseException) -> str:
+    """One line for the other ranks: the error's type and the first line of its message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:500]}" if lines else type(err).__name__
 
 
 def _check_same(task: str, i: int, j: int, seen: list[tuple[int, list[tuple[str, str]]]],
