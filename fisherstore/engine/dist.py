@@ -61,9 +61,10 @@ __all__ = ["RankGroup", "DEFAULT_TIMEOUT_S", "collective_timeout"]
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "FISHERSTORE_COLLECTIVE_TIMEOUT"
 #: The kinds of collective a check-in names (what a rank that reached another kind is told).
-_KINDS = {"leave": 0, "gather": 1, "agree": 2, "sum": 3, "reduce": 4, "barrier": 5}
+_KINDS = {"leave": 0, "gather": 1, "agree": 2, "sum": 3, "reduce": 4, "barrier": 5, "gather_agreed": 6}
 _KIND_WORDS = {1: "gather a value from every rank", 2: "agree on an outcome", 3: "sum counts over the ranks",
-               4: "sum a gradient onto its owner", 5: "wait at a barrier"}
+               4: "sum a gradient onto its owner", 5: "wait at a barrier",
+               6: "gather every rank's result once all could make it"}
 
 
 def collective_timeout(timeout: float | None = None) -> float:
@@ -290,6 +291,46 @@ class RankGroup:
                 err = RankFailedError(f"rank {bad[0][0]} failed to {what} ({bad[0][1]}); nothing was committed",
                                       rank=bad[0][0])
         return err
+
+    def gather_agreed(self, value: Any, err: BaseException | None, what: str) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank, if every rank could ``what``; else every rank raises.
+
+        :meth:`agree` and :meth:`all_gather` in one collective: each rank brings its result
+        (``value``) or the error that kept it from one (``err``, then ``value`` is not sent).
+        When no rank failed, every rank gets the list of values. When one did, a rank that
+        failed raises its own ``err`` and every other rank a :class:`RankFailedError` naming
+        the first that failed, so none waits for a result that will not come. Either way the
+        ranks stay in step and the group stays usable. ``value`` is pickled
+        (``all_gather_object``): keep tensors on the CPU.
+        Usage (each rank scores its own blocks, then every rank has them all)::
+
+            err, mine = None, None
+            try:
+                mine = score(my_blocks)
+            except Exception as e:
+                err = e
+            parts = group.gather_agreed(mine, err, "score its blocks")
+        """
+        if self.world_size == 1:
+            if err is not None:
+                raise err
+            return [value]
+        import torch.distributed as dist
+
+        doing = f"gather every rank's result once all could {what}"
+        self._check_in(doing, "gather_agreed")
+        out: list[Any] = [None] * self.world_size
+        mine = (None, value) if err is None else (_describe(err), None)
+        self._transport(doing, lambda: dist.all_gather_object(out, mine, group=self._ctl))
+        if err is not None:
+            raise err
+        bad = [(r, note) for r, (note, _) in enumerate(out) if note is not None]
+        if bad:
+            r, note = bad[0]
+            raise RankFailedError(
+                f"rank {r} could not {what} ({note}), so rank {self.rank} stops as well. Fix what rank {r} raised "
+                "(its own traceback says where) and call again on every rank", rank=r)
+        return [v for _, v in out]
 
     def all_reduce_ints(self, values: Sequence[int]) -> list[int]:
         """The sum over ranks of each of ``values`` (the same length on every rank), on every rank.

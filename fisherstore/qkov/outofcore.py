@@ -7,12 +7,15 @@ B's ``|g_j|/T_j`` over it, and a Fisher block (the EMA one, or the contribution 
 
 * :func:`plan_blocks`: the distinct blocks to read; a GQA key / value block is read once
   for all the query heads that share it;
-* :func:`require_ema_step` and :func:`check_same_geometry`: the refusals before any read;
+* :func:`require_ema_step` and :func:`check_same_geometry` (both in :func:`check_block_inputs`):
+  the refusals before any read;
   an EMA with no step is all zeros (scores ~1/λ too large, yet finite), and a task B
   with other shapes or heads under the same names would be read through task A's blocks;
 * :func:`block_inputs`: the blocks' inputs, read ahead on a few threads with as many
   blocks in flight as the memory budget allows, so the disk never waits for the matmul
   and the matmul never waits for the disk;
+* :func:`block_bytes` and :func:`deal_blocks`: on a rank group, what each block reads and
+  which rank reads it (balanced by bytes, the same deal on every rank);
 * :func:`weighted_gram`: one block's scores in one cache-sized pass per tile;
 * :func:`top_conflicts`: the largest scores, with the samples' ids.
 
@@ -26,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import heapq
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,7 +43,8 @@ from ..spec.regions import Region, bounded, region_shape
 from ..spec.samples import contribution_mean
 
 __all__ = ["FISHERS", "BlockJob", "plan_blocks", "block_inputs", "weighted_gram", "top_conflicts", "TILE", "scoring_threads",
-           "require_ema_step", "check_same_geometry", "GEOMETRY_FIELDS", "USE_CONTRIBUTION"]
+           "require_ema_step", "check_same_geometry", "GEOMETRY_FIELDS", "USE_CONTRIBUTION", "block_bytes",
+           "deal_blocks", "check_block_inputs"]
 
 FISHERS = ("ema", "contribution")
 
@@ -141,7 +146,8 @@ def check_same_geometry(store: Any, task_a: str, task_b: str, names: Sequence[st
 
 
 def block_inputs(store: Any, jobs: Sequence[BlockJob], task_a: str, task_b: str, fisher: str,
-                 fisher_task: str | None, memory_budget: int, workers: int = 4
+                 fisher_task: str | None, memory_budget: int, workers: int = 4, *,
+                 read: Sequence[BlockJob] | None = None
                  ) -> Iterator[tuple[BlockJob, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(job, g_a [n_a, *block], g_b [n_b, *block], Fisher [*block])`` for each job, reading ahead.
 
@@ -155,6 +161,10 @@ def block_inputs(store: Any, jobs: Sequence[BlockJob], task_a: str, task_b: str,
     a task without per-sample gradients, ``fisher="ema"`` on a task with no EMA step
     (:class:`NoEmaStepError`), and a task B or Fisher task whose parameters differ from
     task A's (:class:`TaskMismatchError`).
+
+    ``read``: the jobs to read, a part of ``jobs`` (default: all of them). The refusals
+    check every job of ``jobs`` all the same, so the ranks of a group that each read their
+    own part (:func:`deal_blocks`) refuse alike.
     """
     if fisher not in FISHERS:
         raise InvalidArgumentError(f"fisher must be one of {FISHERS}, got {fisher!r}")
@@ -162,6 +172,23 @@ def block_inputs(store: Any, jobs: Sequence[BlockJob], task_a: str, task_b: str,
     # Every block at one commit of each task, however long the sweep: a pinned snapshot
     # (FisherStore.snapshot), released when the reading generator is done with it.
     store = store.snapshot(list(dict.fromkeys([task_a, task_b, fisher_task])))
+    check_block_inputs(store, jobs, task_a, task_b, fisher, fisher_task)
+    return _read_blocks(store, jobs if read is None else read, task_a, task_b, fisher, fisher_task, memory_budget,
+                        workers)
+
+
+def check_block_inputs(store: Any, jobs: Sequence[BlockJob], task_a: str, task_b: str, fisher: str,
+                       fisher_task: str | None = None) -> None:
+    """The refusals of :func:`block_inputs`, on their own: they read metadata only, never a chunk.
+
+    A task without per-sample gradients (:class:`~fisherstore.errors.InvalidArgumentError`),
+    ``fisher="ema"`` on a task with no EMA step (:class:`NoEmaStepError`), a task B or
+    Fisher task whose parameters differ from task A's (:class:`TaskMismatchError`).
+    Usage: ``check_block_inputs(snapshot, jobs, "math", "code", "ema")``.
+    """
+    if fisher not in FISHERS:
+        raise InvalidArgumentError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    fisher_task = fisher_task or task_a
     samples_needed = [task_a, task_b] + ([fisher_task] if fisher == "contribution" else [])
     for task in samples_needed:
         if not store.sample_ids(task):
@@ -172,7 +199,58 @@ def block_inputs(store: Any, jobs: Sequence[BlockJob], task_a: str, task_b: str,
     names = list(dict.fromkeys(job.name for job in jobs))
     check_same_geometry(store, task_a, task_b, names)
     check_same_geometry(store, task_a, fisher_task, names, role="Fisher task")
-    return _read_blocks(store, jobs, task_a, task_b, fisher, fisher_task, memory_budget, workers)
+
+
+def block_bytes(store: Any, jobs: Sequence[BlockJob], task_a: str, task_b: str, fisher: str,
+                fisher_task: str | None = None) -> list[int]:
+    """What reading each job costs, in bytes as stored: its per-sample chunks of both tasks, and its Fisher block.
+
+    Per job: the block's elements times ``n_a`` samples of task A and ``n_b`` of task B in
+    their stored dtypes, plus the Fisher block: fp32 for ``fisher="ema"``, nothing for the
+    contribution Fisher of task A (it is computed from task A's gradients already read),
+    ``fisher_task``'s samples for the contribution Fisher of another task. It weighs the
+    jobs for :func:`deal_blocks`; compressed chunks read fewer bytes, in proportion.
+    Usage: ``sizes = block_bytes(store, jobs, "math", "code", "ema")``.
+    """
+    fisher_task = fisher_task or task_a
+    counts = {t: len(store.sample_ids(t)) for t in dict.fromkeys([task_a, task_b, fisher_task])}
+
+    def stored(task: str, name: str) -> int:  # bytes of every sample of ``task`` per element
+        return counts[task] * store.samples(task, name).dtype.itemsize
+
+    per_element: dict[str, int] = {}  # parameter -> bytes read per element of one of its blocks
+    out = []
+    for job in jobs:
+        if job.name not in per_element:
+            per = stored(task_a, job.name) + stored(task_b, job.name)
+            if fisher == "ema":
+                per += 4  # the EMA is fp32 on disk
+            elif fisher_task != task_a:
+                per += stored(fisher_task, job.name)
+            per_element[job.name] = per
+        out.append(math.prod(region_shape(bounded(job.region, store.param(task_a, job.name).shape)))
+                   * per_element[job.name])
+    return out
+
+
+def deal_blocks(sizes: Sequence[int], world_size: int) -> list[int]:
+    """The rank that reads each job, balanced by bytes: the same deal on every rank, from ``sizes`` alone.
+
+    Greedy longest-processing-time: the jobs from the largest to the smallest (ties: in
+    plan order), each to the rank with the fewest bytes so far (ties: the lowest rank).
+    No rank then reads more than 4/3 of the largest share of the best deal, and with equal
+    sizes the deal is round-robin.
+    Usage: ``owners = deal_blocks(block_bytes(store, jobs, "a", "b", "ema"), group.world_size)``.
+    """
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise InvalidArgumentError(f"world_size must be a positive number of ranks, got {world_size!r}")
+    loads = [(0, r) for r in range(world_size)]  # a heap of (bytes so far, rank)
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-int(sizes[i]), i)):
+        load, r = heapq.heappop(loads)
+        owners[i] = r
+        heapq.heappush(loads, (load + int(sizes[i]), r))
+    return owners
 
 
 def _read_blocks(store: Any, jobs: Sequence[BlockJob], task_a: str, task_b: str, fisher: str, fisher_task: str,

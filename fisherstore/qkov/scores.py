@@ -20,19 +20,38 @@ Usage::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import cachetools
 import torch
 
-from ..errors import HeadIndexError, InvalidArgumentError, LayoutError, UnknownParamError, close_matches
+from ..engine.dist import RankGroup
+from ..errors import (
+    HeadIndexError,
+    InvalidArgumentError,
+    LayoutError,
+    RankFailedError,
+    UnknownParamError,
+    close_matches,
+)
 from ..progress import progress_bar
 from ..spec.layout import BLOCKS
 from ..spec.samples import token_divisors
 from ..store.lazy import LazyFisher
 from .indexer import BlockHeadSlice, QKOVIndexer
-from .outofcore import BlockJob, block_inputs, plan_blocks, scoring_threads, top_conflicts, weighted_gram
+from .outofcore import (
+    BlockJob,
+    block_bytes,
+    block_inputs,
+    check_block_inputs,
+    deal_blocks,
+    plan_blocks,
+    scoring_threads,
+    top_conflicts,
+    weighted_gram,
+)
 
 __all__ = ["QKOVInterference"]
 
@@ -161,7 +180,8 @@ class QKOVInterference:
                            fisher_task: str | None = None, layers: Iterable[int | str] | None = None,
                            heads: Iterable[int] | None = None, blocks: Iterable[str] = "QKVO",
                            memory_budget: int | None = None, device: Any = None,
-                           progress: bool | None = None, *, top_k: int = 100) -> dict[str, Any]:
+                           progress: bool | None = None, *, top_k: int = 100,
+                           group: RankGroup | None = None) -> dict[str, Any]:
         """The heat map straight from a store's per-sample gradients, out of core (Phase 6 at 7B).
 
         For each (layer, head, block): task A's ``C_i = g_i²/T_i`` ``[n_a, block]``, task B's
@@ -180,8 +200,27 @@ class QKOVInterference:
         task A's (:class:`~fisherstore.errors.LayoutError`), and a selection of no layers,
         heads or blocks (:class:`~fisherstore.errors.InvalidArgumentError`).
 
-        Usage: ``qk.heatmap_from_store(store, "math", "code", fisher="contribution", device="cuda")``.
+        ``group``: a :class:`~fisherstore.RankGroup` of several processes, each making this
+        call with the same arguments on the same store. The distinct blocks are dealt across
+        the ranks, balanced by the bytes each reads (:func:`~fisherstore.qkov.outofcore.deal_blocks`);
+        each rank reads and scores only its own, and every rank returns the whole heat map,
+        what one process returns (scores equal to fp32 tolerance, the same top conflicts).
+        A refusal, or a failed read, on any rank makes every rank raise: the rank that met it
+        its own error, every other one a :class:`~fisherstore.errors.RankFailedError` naming
+        it; ranks whose plans differ (other arguments, another commit of the store) raise a
+        ``RankFailedError`` naming the first difference. None (default): this process alone.
+
+        Usage: ``qk.heatmap_from_store(store, "math", "code", fisher="contribution", device="cuda")``;
+        on every rank: ``qk.heatmap_from_store(store, "math", "code", group=fisherstore.RankGroup.from_torch())``.
         """
+        if group is not None and group.world_size > 1:
+            try:
+                return self._heatmap_on_group(group, store, task_a, task_b, fisher, fisher_task, layers, heads,
+                                              blocks, memory_budget, device, progress, top_k)
+            except BaseException as e:
+                if not isinstance(e, Exception):  # an interrupt: tell the others, who would wait for this rank
+                    group.leave(e)
+                raise
         layers, heads, blocks = self.selection(layers, heads, blocks)
         budget = memory_budget if memory_budget is not None else store.memory_budget or (1 << 30)
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -194,12 +233,91 @@ class QKOVInterference:
         self._check_indexer(store, task_a, jobs)
         inputs = block_inputs(store, jobs, task_a, task_b, fisher, fisher_task, budget)  # refuses before reading
         with progress_bar(len(jobs), progress, "QK-OV blocks", unit="block") as bar, scoring_threads(device):
-            for job, g_a, g_b, F in inputs:
-                den, _ = self.denominator(F)
-                s = weighted_gram(g_a, g_b, den.reciprocal_(), device).to("cpu", torch.float64) * per_pair
-                for hi in job.head_pos:  # a K/V block scores every query head of its group alike
-                    scores[job.block][:, :, job.layer_pos, hi] = s
-                bar.update(1)
+            for job, gram in self._grams(inputs, device, bar):
+                _place(scores, job, gram.to(torch.float64) * per_pair)
+        return {**_result(scores, layers, heads, ids_a, ids_b, top_k), "group_size": self.group_sizes(layers)}
+
+    def _grams(self, inputs: Iterable[tuple[BlockJob, torch.Tensor, torch.Tensor, torch.Tensor]], device: torch.device,
+               bar: Any) -> Iterator[tuple[BlockJob, torch.Tensor]]:
+        """Each block's ``Σ g_A² · (1/den) · |g_B|`` [n_a, n_b], fp32 on the CPU, not yet divided by ``T_i·T_j``."""
+        for job, g_a, g_b, F in inputs:
+            den, _ = self.denominator(F)
+            yield job, weighted_gram(g_a, g_b, den.reciprocal_(), device).to("cpu")
+            bar.update(1)
+
+    def _heatmap_on_group(self, group: RankGroup, store: Any, task_a: str, task_b: str, fisher: str,
+                          fisher_task: str | None, layers: Iterable[int | str] | None, heads: Iterable[int] | None,
+                          blocks: Iterable[str], memory_budget: int | None, device: Any, progress: bool | None,
+                          top_k: int) -> dict[str, Any]:
+        """:meth:`heatmap_from_store` on several ranks: plan alike, read apart, gather, finish alike.
+
+        1. Every rank plans on a snapshot of the store (the refusals, the blocks, what each
+           reads) and the ranks exchange whether they could, with a fingerprint of the plan
+           (one ``gather_agreed``): a refusal on any rank raises on every rank, and so do
+           plans that differ, naming the first difference.
+        2. The blocks are dealt by bytes (``deal_blocks``, the same on every rank); each rank
+           reads and scores its own.
+        3. The ranks exchange their blocks' fp32 scores (one ``gather_agreed``: a failed read
+           raises on every rank), and each places them all and ranks the top conflicts on
+           the whole tensor, as one process does: the same scores give the same list.
+        """
+        fisher_task = fisher_task or task_a
+        err: Exception | None = None
+        snap: Any = None
+        fingerprint: list[tuple[str, int, str]] = []
+        try:
+            try:
+                # Everything that can refuse comes before the first collective, inside this try.
+                layers, heads, blocks = self.selection(layers, heads, blocks)
+                budget = memory_budget if memory_budget is not None else store.memory_budget or (1 << 30)
+                device = torch.device(device) if device is not None else torch.device("cpu")
+                # One commit for the plan and the reads: what a rank plans is what it reads.
+                snap = store.snapshot(list(dict.fromkeys([task_a, task_b, fisher_task])))
+                ids_a, ids_b = snap.sample_ids(task_a), snap.sample_ids(task_b)
+                jobs = plan_blocks(self.indexer, layers, heads, blocks)
+                self._check_indexer(snap, task_a, jobs)
+                check_block_inputs(snap, jobs, task_a, task_b, fisher, fisher_task)
+                sizes = block_bytes(snap, jobs, task_a, task_b, fisher, fisher_task)
+                t_a, t_b = (token_divisors(snap.sample_tokens(t), torch.float64) for t in (task_a, task_b))
+                per_pair = 1.0 / (t_a[:, None] * t_b[None, :])
+                fingerprint = _fingerprint([
+                    ("tasks (task_a, task_b, fisher, fisher_task)", (task_a, task_b, fisher, fisher_task)),
+                    ("layers", layers), ("heads", heads), ("blocks", blocks),
+                    ("scoring (eps, ridge, ridge_rel, top_k)", (self.eps, self.ridge, self.ridge_rel, top_k)),
+                    ("commits", getattr(snap, "commits", None)),
+                    ("sample ids (task_a, task_b)", (ids_a, ids_b)),
+                    ("sample tokens", (t_a.tolist(), t_b.tolist())),
+                    ("blocks to read (parameter, region, bytes)",
+                     [(j.name, j.region, j.head_pos, n) for j, n in zip(jobs, sizes)]),
+                ])
+            except Exception as e:
+                err = e
+            _same_plan(group.gather_agreed(fingerprint, err, "plan the heat map"))
+            owners = deal_blocks(sizes, group.world_size)
+            mine = [i for i, r in enumerate(owners) if r == group.rank]
+            grams: list[torch.Tensor] = []
+            try:
+                inputs = block_inputs(snap, jobs, task_a, task_b, fisher, fisher_task, budget,
+                                      read=[jobs[i] for i in mine])
+                with progress_bar(len(mine), progress, f"QK-OV blocks (rank {group.rank})", unit="block") as bar, \
+                        scoring_threads(device):
+                    grams = [g for _, g in self._grams(inputs, device, bar)]
+            except Exception as e:
+                err = e
+            part = (mine, torch.stack(grams) if grams else torch.zeros(0, len(ids_a), len(ids_b)))
+            parts = group.gather_agreed(part if err is None else None, err,
+                                        "read and score its blocks of the heat map")
+        finally:
+            if snap is not None:
+                snap.close()
+        scores = {b: torch.zeros(len(ids_a), len(ids_b), len(layers), len(heads), dtype=torch.float64) for b in blocks}
+        placed = 0
+        for idx, got in parts:
+            for i, gram in zip(idx, got):
+                _place(scores, jobs[i], gram.to(torch.float64) * per_pair)
+            placed += len(idx)
+        if placed != len(jobs):  # the deal is the same on every rank; this guards the code, not the caller
+            raise RankFailedError(f"the ranks returned {placed} blocks of the heat map's {len(jobs)}", rank=None)
         return {**_result(scores, layers, heads, ids_a, ids_b, top_k), "group_size": self.group_sizes(layers)}
 
     def selection(self, layers: Iterable[int | str] | None = None, heads: Iterable[int] | None = None,
@@ -284,6 +402,36 @@ class QKOVInterference:
             "contrib_norm": float(C.norm()),
             "grad_norm": float(G.norm()),
         }
+
+
+def _place(scores: dict[str, torch.Tensor], job: BlockJob, s: torch.Tensor) -> None:
+    """One block's [n_a, n_b] scores into the heat map: a K/V block scores every query head of its group alike."""
+    for hi in job.head_pos:
+        scores[job.block][:, :, job.layer_pos, hi] = s
+
+
+def _fingerprint(fields: Sequence[tuple[str, Any]]) -> list[tuple[str, int, str]]:
+    """``(field, crc32 of its repr, its repr cut short)`` for each field of a plan, to compare across ranks."""
+    out = []
+    for name, value in fields:
+        text = repr(value)
+        out.append((name, zlib.crc32(text.encode()), text if len(text) <= 160 else text[:157] + "..."))
+    return out
+
+
+def _same_plan(views: Sequence[list[tuple[str, int, str]]]) -> None:
+    """Raise :class:`RankFailedError` on every rank when a rank's plan differs from rank 0's, naming the field.
+
+    Every rank holds the same ``views`` (one per rank, from one gather), so every rank raises alike.
+    """
+    for k, (field, digest, text) in enumerate(views[0]):
+        for r, view in enumerate(views[1:], start=1):
+            if len(view) != len(views[0]) or view[k][:2] != (field, digest):
+                theirs = view[k][2] if k < len(view) else "missing"
+                raise RankFailedError(
+                    f"rank {r} planned another heat map than rank 0: its {field} is {theirs} where rank 0's is "
+                    f"{text}. Every rank must call heatmap_from_store with the same arguments, on the same "
+                    "commit of the store (open it on every rank after the writer's last flush)", rank=r)
 
 
 def _result(scores: dict[str, torch.Tensor], layers: list[Any], heads: list[int], ids_a: Sequence[Any],
