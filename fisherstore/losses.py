@@ -219,12 +219,16 @@ class MaskedLM(TokenLoss):
 class Classification(TokenLoss):
     """One class per input: ``model(batch["inputs"])`` gives logits ``[N, C]``, ``batch["labels"]`` the classes.
 
-    The model may return the logits or an object with ``.logits`` (Hugging Face's
+    ``attention_mask``, ``token_type_ids`` and ``position_ids`` go to the model as keywords
+    when the batch has them (a padded batch of a ``*ForSequenceClassification`` model). The
+    model may return the logits or an object with ``.logits`` (Hugging Face's
     ``*ForSequenceClassification``, ``*ForImageClassification``). T = N, less the labels set
     to -100. Usage: ``FisherCollector(loss_fn=classification, params="all", fisher_type="exact")``.
     """
 
     name = "classification"
+    #: What a Hugging Face sequence classifier takes beside its input ids, passed on when the batch has it.
+    _extra = ("attention_mask", "token_type_ids", "position_ids")
 
     def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
         y = batch.get("labels")
@@ -244,7 +248,9 @@ class Classification(TokenLoss):
                 f"{sorted(batch)}. Put the model's input there, or subclass fisherstore.losses.TokenLoss for a "
                 "model called otherwise (docs/estimators.md)"
             )
-        out = model(x)
+        # A padded batch of a sequence classifier carries its mask: dropped, padding would be attended.
+        extra = {k: batch[k] for k in self._extra if batch.get(k) is not None}
+        out = model(x, **extra)
         out = getattr(out, "logits", out)
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
             raise InvalidArgumentError(

@@ -88,7 +88,9 @@ def test_live_import_is_exp_avg_sq_bit_for_bit_and_its_readout_is_bias_corrected
         assert meta["fisher_type"] == "empirical"
         assert meta["model"]["class"] == "LlamaForCausalLM" and meta["model"]["num_kv_heads"] == 2
         assert meta["user"] == {"beta2": BETA2, "tokens_per_step": None, "amsgrad": False, "optimizer": "AdamW",
-                                "source": "AdamW (live optimizer)"}
+                                "source": "AdamW (live optimizer)",
+                                # AdamW's decay is decoupled: exp_avg_sq is of the loss gradients alone
+                                "weight_decay": [{"weight_decay": 0.1, "decoupled": True}]}
         # attention projections got head layouts: one chunk per head block
         q = "model.layers.0.self_attn.q_proj.weight"
         assert s.layout("adam", q).kind == "q" and s.fisher("adam", q).head(1, "Q").shape == (8, 32)

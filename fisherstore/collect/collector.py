@@ -176,6 +176,8 @@ class FisherCollector(GroupView):
         #: The seed of the ``"mc"`` draws; drawn at random when none is given (pass it again to repeat a run).
         self.seed = seed if seed is not None else secrets.randbits(63)
         self.group = group if group is not None else RankGroup.solo()
+        if seed is None and fisher_type == "mc" and self.group.world_size > 1:
+            self.seed = self.group.all_gather(self.seed)[0]  # rank 0's on every rank: the seed shown repeats the run
         #: Whether ranks see different batches, so every step is reduced onto the owners.
         self.data_parallel = self.group.world_size > 1 if data_parallel is None else data_parallel
         self._layout_overrides = dict(layouts or {})
@@ -402,9 +404,10 @@ class FisherCollector(GroupView):
         # On the first step that lands: a call that failed after creating the task left none.
         if self.store.metadata(task).get("estimator") is None:
             mc = self.mc_samples if self.fisher_type == "mc" else None
+            seed = {"mc_seed": self.seed} if self.fisher_type == "mc" else {}  # the draws a continued task holds
             self.store.set_metadata(task, estimator=self.estimator, model=model_description(model),
                                     fisher_type=self.fisher_type, mc_samples=mc,
-                                    micro_batch_size=self.micro_batch_size, loss=loss_name(self.loss_fn))
+                                    micro_batch_size=self.micro_batch_size, loss=loss_name(self.loss_fn), **seed)
         self.record_groups(task, run.groups.to_host(), T)
         return T
 

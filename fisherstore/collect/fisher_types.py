@@ -25,7 +25,7 @@ the targets are counts for ``"mc"`` and ``"exact"``, not their values.
 
 Usage::
 
-    passes = backward_passes("mc", causal_lm, model, micro_batch, mc_samples=4, generator=g)
+    passes = backward_passes("mc", causal_lm, model, micro_batch, mc_samples=4, seed=s)
     for loss, weight, more in passes.items:      # square each gradient, times weight
         loss.backward(retain_graph=more)
 """
@@ -102,10 +102,11 @@ def draw_seed(seed: int, *parts: Any) -> int:
 
 
 def backward_passes(fisher_type: str, loss_fn: Any, model: nn.Module, batch: Mapping[str, Any], *,
-                    mc_samples: int = 1, generator: torch.Generator | None = None) -> Passes:
+                    mc_samples: int = 1, seed: int | None = None) -> Passes:
     """The backward passes of one micro-batch under ``fisher_type`` (see the module docstring).
 
-    ``generator`` draws the ``"mc"`` labels; it must be on the logits' device.
+    ``seed`` seeds the ``"mc"`` draws, on a generator of the logits' device (so a seed repeats
+    a run on the same kind of device; a CPU and a GPU draw differently).
     """
     if fisher_type == "empirical":
         loss, n = call_loss(loss_fn, model, batch)
@@ -126,15 +127,19 @@ def backward_passes(fisher_type: str, loss_fn: Any, model: nn.Module, batch: Map
     p = logp.detach().exp()
     C = p.shape[-1]
     if fisher_type == "mc":
-        y = torch.multinomial(p, mc_samples, replacement=True, generator=generator)  # [positions, k]
+        gen = torch.Generator(device=p.device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        y = torch.multinomial(p, mc_samples, replacement=True, generator=gen)  # [positions, k]
         return Passes(n, mc_samples, _mc(logp, y))
     if C > EXACT_MAX_CLASSES:
         raise InvalidArgumentError(
             f"fisher_type='exact' runs one backward per (position, class), and this model predicts {C} classes "
             f"(more than {EXACT_MAX_CLASSES}): {n * C} backward passes for this micro-batch alone. Use "
             "fisher_type='mc' with mc_samples=k, an unbiased estimate of the same Fisher (docs/estimators.md)")
-    live = (p > 0).nonzero().tolist()  # a class of probability 0 adds nothing
-    return Passes(n, len(live), _exact(logp, p, live))
+    live = (p > 0).nonzero()  # a class of probability 0 adds nothing
+    weights = p[live[:, 0], live[:, 1]].tolist()  # one transfer, not one device sync per pass
+    return Passes(n, len(weights), _exact(logp, live.tolist(), weights))
 
 
 def _mc(logp: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, float, bool]]:
@@ -143,6 +148,6 @@ def _mc(logp: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, flo
         yield -logp.gather(1, y[:, j:j + 1]).sum(), 1.0 / k, j + 1 < k
 
 
-def _exact(logp: torch.Tensor, p: torch.Tensor, live: list[list[int]]) -> Iterator[tuple[torch.Tensor, float, bool]]:
-    for i, (t, c) in enumerate(live):
-        yield -logp[t, c], float(p[t, c]), i + 1 < len(live)
+def _exact(logp: torch.Tensor, live: list[list[int]], weights: list[float]) -> Iterator[tuple[torch.Tensor, float, bool]]:
+    for i, ((t, c), w) in enumerate(zip(live, weights)):
+        yield -logp[t, c], w, i + 1 < len(live)

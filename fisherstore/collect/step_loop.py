@@ -206,9 +206,6 @@ class StepRun:
         micro = fc.estimator == "micro_batch"
         last = [False]
         weight = [1.0]
-        # Several passes per micro-batch (fisher_type "mc"/"exact"): their weighted squares are summed
-        # here, one fp32 buffer per fed parameter, and reach the sink once per micro-batch.
-        held: dict[str, torch.Tensor] | None = None
 
         def make_hook(name: str) -> Callable[[torch.Tensor], None]:
             def hook(p: torch.Tensor) -> None:
@@ -219,10 +216,9 @@ class StepRun:
                     x = square(g)
                     if weight[0] != 1.0:
                         x.mul_(weight[0])
-                    if held is None:
-                        sink(name, x, last[0])
-                    else:
-                        _add_to(held, name, x)
+                    # Several passes per micro-batch ("mc", "exact") feed like micro-batches: the store sums them
+                    # where its budget says (no second buffer here, outside the budget).
+                    sink(name, x, last[0])
                 # the batch estimator lets the gradient sum over micro-batches
             return hook
 
@@ -230,19 +226,13 @@ class StepRun:
         with grads_of(model, self.order, {n: make_hook(n) for n in self.order}) as named:
             mb = fc.micro_batch_size
             for start in range(0, rows, mb):
-                last[0] = start + mb >= rows
+                final_mb = start + mb >= rows
                 passes = backward_passes(fc.fisher_type, fc.loss_fn, model, take_rows(batch, slice(start, start + mb)),
-                                         mc_samples=fc.mc_samples, generator=self._generator(start))
+                                         mc_samples=fc.mc_samples, seed=self._seed(start))
                 T += passes.n_tokens
-                held = {} if passes.count > 1 else None
                 for loss, w, more in passes.items:  # none for a micro-batch with nothing to predict
-                    weight[0] = w
+                    weight[0], last[0] = w, final_mb and not more
                     loss.backward(retain_graph=more)
-                if held:
-                    for n in self.order:
-                        if n in held:
-                            sink(n, held.pop(n), last[0])
-                held = None
             if not micro:
                 for n in self.order:
                     if n in feed and named[n].grad is not None:
@@ -250,13 +240,11 @@ class StepRun:
                         sink(n, dense(g).float(), True)
         return T
 
-    def _generator(self, rows: int) -> torch.Generator | None:
-        """The generator of one micro-batch's ``"mc"`` draws, seeded by where it is (rank, task, step, rows)."""
+    def _seed(self, rows: int) -> int | None:
+        """The seed of one micro-batch's ``"mc"`` draws: where it is (rank, task, step, rows) under the run's seed."""
         if self.fc.fisher_type != "mc":
             return None
-        g = torch.Generator(device=next(self.model.parameters()).device)
-        g.manual_seed(draw_seed(self.fc.seed, self.fc.group.rank, self.task, self.t, rows))
-        return g
+        return draw_seed(self.fc.seed, self.fc.group.rank, self.task, self.t, rows)
 
 
 def _add_to(sums: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:

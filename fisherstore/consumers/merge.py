@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -93,7 +94,7 @@ def merge(
         raise InvalidArgumentError(f"out must be a callable out(name, tensor), got {type(out).__name__}")
     parsed = [_parse(m, i) for i, m in enumerate(_as_list(members))]
     lam = _weights(weights, len(parsed))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
         raise InvalidArgumentError(f"eps must be a finite number >= 0, got {eps!r}")
     with contextlib.ExitStack() as stack:
         snaps = [stack.enter_context(_snapshot(store, task, theta is None)) for store, task, theta in parsed]
@@ -216,7 +217,7 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     lam = list(weights)
     if len(lam) != n:
         raise InvalidArgumentError(f"weights has {len(lam)} entries for {n} members; give one λ per member")
-    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in lam):
+    if any(isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0 for w in lam):
         raise InvalidArgumentError(f"weights must be finite numbers >= 0, got {lam!r}")
     if sum(lam) == 0:
         raise InvalidArgumentError("weights are all 0: at least one member must have λ > 0")

@@ -243,6 +243,13 @@ class Catalog:
     def add(self, t: TaskState) -> None:
         self._tasks[t.name] = t
 
+    def remove(self, name: str) -> None:
+        """Forget a task that was never committed (an import that failed); a committed one is refused."""
+        t = self.task(name)
+        if t.listed or t.commit:
+            raise ValueError(f"task {name!r} is committed; only a task created since the last commit is forgotten")
+        del self._tasks[name]
+
     def task(self, name: str) -> TaskState:
         t = self._tasks.get(name)
         if t is None:

@@ -194,14 +194,20 @@ def import_adam(
             raise InvalidArgumentError(
                 f"task {task!r} already exists in the store {s.path or ''}; an import writes a new task. Choose "
                 "another task name (or import into another store)")
+        if not s.writable or s.group.world_size > 1:
+            raise InvalidArgumentError(
+                f"import_adam writes a new task, so it needs a writable store opened without a rank group (one process); "
+                f"the store {s.path or ''} is " + ("read-only" if not s.writable else "opened with a group"))
         _check_finite(held, chosen, tokens_per_step)  # reads every state: after the cheap checks
         for n in chosen:
             s.create(task, n, tuple(named[n].shape), layouts.get(n), decay=beta2)
-        s.write_state(task, ((n, _scaled(held[n].state["exp_avg_sq"], tokens_per_step)) for n in chosen), step,
-                      tokens=(tokens_per_step or 0) * step)
+        # Metadata first: if the write fails, write_state forgets the new task whole, metadata and all.
         s.set_metadata(task, estimator="adam", fisher_type="empirical", model=model_description(model),
                        beta2=beta2, tokens_per_step=tokens_per_step, amsgrad=amsgrad[0] if len(amsgrad) == 1 else
-                       amsgrad, optimizer=cls_name, source=desc)
+                       amsgrad, optimizer=cls_name, source=desc,
+                       weight_decay=_weight_decays(groups, chosen, held, cls_name == "AdamW"))
+        s.write_state(task, ((n, _scaled(held[n].state["exp_avg_sq"], tokens_per_step)) for n in chosen), step,
+                      tokens=(tokens_per_step or 0) * step)
         s.flush()
         return AdamImport(task, step, beta2, list(chosen), tokens_per_step, desc)
 
@@ -211,6 +217,15 @@ def import_adam(
         with open_store(store, mode="a", backend=backend) as s:
             return write(s)
     raise InvalidArgumentError(f"store must be an open FisherStore or a store's path, got {type(store).__name__}")
+
+
+def _weight_decays(groups: Sequence[Mapping[str, Any]], chosen: Sequence[str], held: Mapping[str, _Held],
+                   adamw: bool) -> Any:
+    """The imported groups' weight decay, recorded: under Adam's L2 decay (not AdamW's decoupled one)
+    ``exp_avg_sq`` is the EMA of ``(g + λθ)²``, not of the loss gradient's square (docs/estimators.md)."""
+    out = sorted({(float(groups[held[n].group].get("weight_decay", 0.0) or 0.0),
+                   bool(groups[held[n].group].get("decoupled_weight_decay", adamw))) for n in chosen})
+    return [{"weight_decay": wd, "decoupled": dec} for wd, dec in out]
 
 
 # -- the optimizer's parameters, named ------------------------------------------------------

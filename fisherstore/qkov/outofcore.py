@@ -98,6 +98,10 @@ def require_ema_step(store: Any, task: str, use: str = "normalise scores", inste
     ``use`` says what the caller would have done with it, ``instead`` what to do.
     Usage: ``require_ema_step(store, "math")``.
     """
+    if store.metadata(task).get("estimator") == "anchor":  # weights θ* kept for EWC (store.save_anchor)
+        raise InvalidArgumentError(
+            f"task {task!r} holds anchor weights θ* (store.save_anchor), not a Fisher, so it cannot {use}; use the "
+            f"Fisher task it anchors ({store.metadata(task).get('user', {}).get('anchor_of')!r})")
     if store.step(task) == 0:
         raise NoEmaStepError(
             f"task {task!r} holds no EMA step (step 0: only per-sample gradients from collect_samples), so its EMA "

@@ -30,6 +30,7 @@ from ..errors import (
     close_matches,
     listing,
 )
+from ..spec.format import json_value
 from .base import StoreBase
 
 __all__ = ["AnchorMethods", "anchor_task", "ANCHOR_SUFFIX", "named_tensors", "describe"]
@@ -74,6 +75,9 @@ class AnchorMethods(StoreBase):
         Usage: ``store.save_anchor("math", model)``.
         """
         self._check_writable("save an anchor")
+        if self.group.world_size > 1:
+            raise InvalidArgumentError(
+                "save_anchor runs in one process: open the store without a group on one rank to save the anchor")
         if self.codecs.lossy_keepbits is not None:
             raise InvalidArgumentError(
                 f"the store at {self.path!r} is lossy (lossy_keepbits={self.codecs.lossy_keepbits}): it would round "
@@ -110,11 +114,12 @@ class AnchorMethods(StoreBase):
                 f"task {task!r} already has an anchor ({anchor!r}, saved at commit {self.metadata(anchor)['commit']}); "
                 "an anchor is written once and the store cannot delete a task. Save the new weights beside a new "
                 "task name (collect or copy its Fisher there), or open a new store")
+        desc = json_value(dict(description), "description") if description is not None else describe(model)
         for name, shape in shapes.items():
             self.create(anchor, name, shape, layout=None, decay=ANCHOR_DECAY)
-        self.write_state(anchor, _one_at_a_time(weights, shapes), step=1)
-        desc = dict(description) if description is not None else describe(model)
+        # Marked an anchor before its weights land; a failed write forgets the new task whole (write_state).
         self.set_metadata(anchor, estimator="anchor", model=desc, anchor_of=task)
+        self.write_state(anchor, _one_at_a_time(weights, shapes), step=1)
         self.flush()
         return anchor
 

@@ -21,6 +21,7 @@ from ..errors import (
     NonFiniteGradientError,
     ShapeMismatchError,
     StepError,
+    StorageError,
     UnknownParamError,
 )
 from ..spec.ema import validate_decay
@@ -200,30 +201,38 @@ class WriteMethods(StoreBase):
         created first (:meth:`create`, with its β) and hold nothing: the task must be new (step
         0, nothing flushed). ``states`` may be a generator, so only one parameter's tensor
         need be in RAM: each is written to an uncommitted generation as it comes, and the
-        next flush commits the task at ``step`` with ``tokens`` seen. On any error, what the
-        call wrote is deleted and the task is as before. Returns the names written, in order.
+        next flush commits the task at ``step`` with ``tokens`` seen.
+
+        All or nothing: on any error (a refused value, a failing disk, Ctrl-C) what the call
+        wrote is deleted, and a task created since the last commit is forgotten whole (its
+        parameters and metadata), so no flush can commit half an import; a committed task is
+        left as it was. Returns the names written, in order.
         Usage: ``store.create("adam", n, shape, decay=0.999); store.write_state("adam", {n: v}, step=1000)``.
         """
         self._check_writable("write_state")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-            raise InvalidArgumentError(f"step must be a positive int (the step the state is current at), got {step!r}")
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-            raise InvalidArgumentError(f"tokens must be an int >= 0, got {tokens!r}")
-        if self.group.world_size > 1:
-            raise InvalidArgumentError(
-                "write_state runs in one process: open the store without a group to import a state")
-        if self._active is not None:
-            raise StepError(f"write_state inside an open step of task {self._active.task!r}; leave the step first")
         t = self._cat().task(task)
-        if t.step != 0 or t.tokens_seen != 0:
-            raise StepError(
-                f"task {task!r} is at step {t.step} with {t.tokens_seen} tokens seen; write_state imports a whole "
-                "state into a new task. Write it under a new task name, or open the store with mode='w'"
-            )
-        items = states.items() if isinstance(states, Mapping) else states
+        # A task that holds nothing yet (created for this import) is forgotten whole if the import fails.
+        fresh = not t.listed and not t.commit and t.step == 0 and not any(p.dirty for p in t.params.values())
         written: dict[str, int] = {}
+        touched: list[str] = []
+        name = None
         try:
-            for name, value in items:
+            if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+                raise InvalidArgumentError(f"step must be a positive int (the step the state is current at), got {step!r}")
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+                raise InvalidArgumentError(f"tokens must be an int >= 0, got {tokens!r}")
+            if self.group.world_size > 1:
+                raise InvalidArgumentError(
+                    "an import (write_state, import_adam, save_anchor) runs in one process: open the store without "
+                    "a group to import a state")
+            if self._active is not None:
+                raise StepError(f"write_state inside an open step of task {self._active.task!r}; leave the step first")
+            if t.step != 0 or t.tokens_seen != 0:
+                raise StepError(
+                    f"task {task!r} is at step {t.step} with {t.tokens_seen} tokens seen; write_state imports a whole "
+                    "state into a new task. Write it under a new task name, or open the store with mode='w'"
+                )
+            for name, value in (states.items() if isinstance(states, Mapping) else states):
                 p = t.params.get(name)
                 if p is None:
                     raise UnknownParamError(
@@ -244,19 +253,31 @@ class WriteMethods(StoreBase):
                         "source (an optimizer state after an overflow?)")
                 with self._state_lock:
                     p.acc, p.a_last = x, step
+                    touched.append(name)  # reset on failure even if its own fold is what fails
                 written.update(self._write.fold_to_work(t, [name], free=True))
-        except BaseException:
-            with self._state_lock:
-                self._write.discard(t, written)
-                for name in written:
-                    p = t.params[name]
-                    p.work_gen, p.work_t, p.a_last, p.acc = None, 0, None, None
+        except BaseException as e:
+            self._undo_import(t, written, touched, forget=fresh)
+            if isinstance(e, OSError) and not isinstance(e, FisherStoreError):
+                raise StorageError(
+                    e.errno, f"writing the state of {name!r} into task {task!r} failed: {e.strerror or e}. Nothing of "
+                    "the call was kept" + ("" if task in self._cat() else f" (the new task {task!r} is forgotten)")
+                    + "; fix the device and import again") from e
             raise
         with self._state_lock:
             for name in written:
                 t.params[name].updates = step
             t.step, t.tokens_seen, t.changed = step, tokens, True
         return list(written)
+
+    def _undo_import(self, t: TaskState, written: dict[str, int], touched: list[str], forget: bool) -> None:
+        """Delete what a failed write_state wrote; ``forget`` its task (new, holding nothing before the call)."""
+        with self._state_lock:
+            self._write.discard(t, written)
+            for name in touched:
+                p = t.params[name]
+                p.work_gen, p.work_t, p.a_last, p.acc = None, 0, None, None
+            if forget and t.name in self._cat():
+                self._cat().remove(t.name)
 
     def replay(self, task: str, names: Sequence[str], *, in_place: bool = True) -> Replay:
         """A multi-pass run's hold on ``task`` (:mod:`fisherstore.engine.replay`): rewind it per pass, write each
