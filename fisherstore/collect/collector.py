@@ -301,8 +301,17 @@ class FisherCollector(GroupView):
 
     def collect_samples(self, model: nn.Module, batch: Mapping[str, torch.Tensor], task: str = "default", *,
                         names: Iterable[str] | None = None, ids: Iterable[str] | None = None, dtype: str | None = None,
-                        flush: bool = True, progress: bool | None = None) -> list[str]:
-        """Per-sample gradients of the tracked parameters (or ``names``) into ``task``; see :mod:`fisherstore.collect.samples`."""
+                        flush: bool = True, progress: bool | None = None, resume: bool = False,
+                        commit_every: int | None = None, commit_seconds: float | None = 300.0) -> list[str]:
+        """Per-sample gradients of the tracked parameters (or ``names``) into ``task``; see :mod:`fisherstore.collect.samples`.
+
+        Commits a segment every ``commit_every`` samples (None: no count) or about every
+        ``commit_seconds`` (default 300 s; None: no time bound), so a kill loses only the
+        segment in progress. ``resume=True`` (with ``ids=``) skips, with no forward, the ids
+        ``task`` already holds; without it such an id is refused. Returns the ids this call
+        wrote (skipped ids are not in it).
+        Usage: ``fc.collect_samples(model, batch, "math", ids=row_ids, resume=True)``.
+        """
         from .samples import collect_samples
 
         if self.group.world_size > 1:  # before any collective: every rank raises alike
@@ -316,7 +325,8 @@ class FisherCollector(GroupView):
         layouts = self.layouts(model)
         chosen = list(names) if names is not None else self._select(model, layouts)
         return collect_samples(self.store, model, batch, task, chosen, layouts, self.loss_fn,
-                               ids=list(ids) if ids is not None else None, dtype=dtype, flush=flush, progress=progress)
+                               ids=list(ids) if ids is not None else None, dtype=dtype, flush=flush, progress=progress,
+                               resume=resume, commit_every=commit_every, commit_seconds=commit_seconds)
 
     # -- the seams multi-pass runs and training integrations use ---------------------------
     def prepare(self, model: nn.Module, task: str, *, check_loss: bool = True) -> Prepared:
