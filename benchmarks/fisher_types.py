@@ -139,14 +139,12 @@ def forward_only(model: Any, loss_fn: Any, b: dict[str, Any], mbs: int) -> float
 
 def autograd_only(model: Any, loss_fn: Any, b: dict[str, Any], mbs: int, fisher_type: str, k: int) -> float:
     """The backward passes of ``fisher_type`` with no collector: no hooks, no squares, no store."""
-    import torch
 
     from fisherstore.collect.fisher_types import backward_passes
 
     t = time.perf_counter()
     for i, mb in enumerate(micro_batches(b, mbs)):
-        g = torch.Generator().manual_seed(i) if fisher_type == "mc" else None
-        passes = backward_passes(fisher_type, loss_fn, model, mb, mc_samples=k, generator=g)
+        passes = backward_passes(fisher_type, loss_fn, model, mb, mc_samples=k, seed=i if fisher_type == "mc" else None)
         for loss, _w, more in passes.items:
             loss.backward(retain_graph=more)
     dt = time.perf_counter() - t
